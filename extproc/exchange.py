@@ -1,0 +1,143 @@
+"""Per-request state: one Exchange per ext_proc stream (Envoy opens one stream per HTTP request).
+
+It turns ext_proc messages into answers and, at the end, into exactly one UsageEvent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from extproc import wire
+from extproc.events import TokenSource, UsageEvent
+from extproc.labels import Attribution
+from extproc.processors import EndpointProcessor, ProcessorContext, RequestError, processor_for
+from extproc.stats import SidecarStats
+
+log = logging.getLogger(__name__)
+
+
+class Exchange:
+    __slots__ = (
+        "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "done",
+        "_finished", "_response_started",
+    )
+
+    def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
+        self._attribution = attribution
+        self._ctx = ctx
+        self._stats = stats
+        self.event = UsageEvent(start_time_unix_nano=time.time_ns())
+        self.start_mono = time.monotonic_ns()
+        self.processor: EndpointProcessor | None = None
+        # True once nothing more is expected from Envoy: the stream can be closed.
+        self.done = False
+        self._finished = False
+        self._response_started = False
+
+    def handle(self, kind: str, msg) -> wire.ProcessingResponse:  # noqa: ANN001 - a oneof member
+        if kind == wire.REQUEST_HEADERS:
+            return self._on_request_headers(msg)
+        if kind == wire.REQUEST_BODY:
+            return self._on_request_body(msg)
+        if kind == wire.RESPONSE_HEADERS:
+            return self._on_response_headers(msg)
+        if kind == wire.RESPONSE_BODY:
+            return self._on_response_body(msg)
+        if kind == wire.RESPONSE_TRAILERS:
+            self.done = True
+        return wire.continue_response(kind)
+
+    def _on_request_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        headers = wire.decode_headers(msg.headers)
+        ev = self.event
+        ev.method = headers.get(":method", "")
+        ev.path = headers.get(":path", "")
+        ev.request_id = headers.get("x-request-id", "")
+        ev.labels.update(self._attribution.labels(headers))
+        self.processor = processor_for(ev.method, ev.path, self._ctx)
+        if self.processor is None:
+            self._stats.unmetered_requests += 1
+            ev.endpoint = "unknown"
+            return wire.skip_bodies_response()
+        if msg.end_of_stream:
+            self.processor.error = "empty_request_body"
+            self.processor.error_detail = "request has no body"
+        return wire.continue_response(wire.REQUEST_HEADERS)
+
+    def _on_request_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        p = self.processor
+        if p is None:
+            return wire.continue_response(wire.REQUEST_BODY)
+        try:
+            replacement = p.on_request_body(msg.body)
+        except RequestError as exc:
+            p.error, p.error_detail = exc.kind, exc.detail
+            log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)
+            return wire.continue_response(wire.REQUEST_BODY)
+        if replacement is None:
+            return wire.continue_response(wire.REQUEST_BODY)
+        return wire.replace_request_body(replacement)
+
+    def _on_response_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        headers = wire.decode_headers(msg.headers)
+        status = headers.get(":status", "0")
+        self.event.http_status = int(status) if status.isdigit() else 0
+        p = self.processor
+        if p is None or msg.end_of_stream:
+            if p is not None:
+                p.on_response_headers(self.event.http_status, headers.get("content-type", ""))
+                p.response_complete = True
+            self.done = True
+            return wire.continue_response(wire.RESPONSE_HEADERS)
+        p.on_response_headers(self.event.http_status, headers.get("content-type", ""))
+        if p.rewrites_response and "content-length" in headers:
+            return wire.strip_content_length_response()
+        return wire.continue_response(wire.RESPONSE_HEADERS)
+
+    def _on_response_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        p = self.processor
+        if msg.end_of_stream:
+            self.done = True
+        if p is None:
+            return wire.continue_response(wire.RESPONSE_BODY)
+        replacement = p.on_response_chunk(msg.body, msg.end_of_stream, time.monotonic_ns())
+        if replacement is None:
+            return wire.continue_response(wire.RESPONSE_BODY)
+        return wire.replace_response_chunk(replacement)
+
+    def flag_internal_error(self, kind: str, exc: BaseException) -> None:
+        target = self.processor
+        if target is not None and not target.error:
+            target.error, target.error_detail = "internal_error", f"{kind}: {exc!r}"[:500]
+        elif target is None and not self.event.error:
+            self.event.error, self.event.error_detail = "internal_error", f"{kind}: {exc!r}"[:500]
+
+    def finish(self) -> UsageEvent | None:
+        """Build the event once. Returns None if this stream never saw a request."""
+        if self._finished:
+            return None
+        self._finished = True
+        ev = self.event
+        if not ev.method and not ev.path:
+            return None
+        end = time.monotonic_ns()
+        ev.end_time_unix_nano = ev.start_time_unix_nano + (end - self.start_mono)
+        ev.duration_ns = end - self.start_mono
+        ev.event_id = uuid.uuid4().hex
+        p = self.processor
+        if p is None:
+            ev.metered = False
+            ev.token_source = TokenSource.NONE
+            ev.client_aborted = not self.done
+            return ev
+        ev.client_aborted = not (self.done and p.response_complete)
+        if p.first_output_ns:
+            ev.time_to_first_token_ns = p.first_output_ns - self.start_mono
+        try:
+            p.fill_event(ev)
+        except Exception as exc:  # a bug in counting must still leave an event behind
+            log.exception("filling event for request %s", ev.request_id)
+            ev.error, ev.error_detail = "internal_error", f"fill_event: {exc!r}"[:500]
+        return ev

@@ -1,0 +1,121 @@
+"""ext_proc protocol details: message types, header decoding, response builders, gRPC wiring.
+
+Everything that knows Envoy's ext_proc message layout lives here, so processors deal in plain
+dicts and bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from extproc._pb import ext_proc_wire_pb2 as pb
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+ProcessingMode = pb.ProcessingMode
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+METHOD_PATH = f"/{SERVICE_NAME}/Process"
+
+REQUEST_HEADERS = "request_headers"
+REQUEST_BODY = "request_body"
+RESPONSE_HEADERS = "response_headers"
+RESPONSE_BODY = "response_body"
+REQUEST_TRAILERS = "request_trailers"
+RESPONSE_TRAILERS = "response_trailers"
+
+
+def decode_headers(header_map: pb.HeaderMap) -> dict[str, str]:
+    """Envoy sends either `value` or `raw_value` (runtime guard send_header_raw_value)."""
+    out: dict[str, str] = {}
+    for h in header_map.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        # Repeated headers: keep the first, as our labels are single-valued.
+        out.setdefault(h.key, value)
+    return out
+
+
+# Responses are immutable singletons where nothing varies: one allocation per process.
+_CONTINUE = {
+    REQUEST_HEADERS: ProcessingResponse(request_headers=pb.HeadersResponse()),
+    RESPONSE_HEADERS: ProcessingResponse(response_headers=pb.HeadersResponse()),
+    REQUEST_BODY: ProcessingResponse(request_body=pb.BodyResponse()),
+    RESPONSE_BODY: ProcessingResponse(response_body=pb.BodyResponse()),
+    REQUEST_TRAILERS: ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    RESPONSE_TRAILERS: ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+def continue_response(kind: str) -> ProcessingResponse:
+    return _CONTINUE[kind]
+
+
+def skip_bodies_response() -> ProcessingResponse:
+    """Answer request headers and tell Envoy to send no bodies for this request (needs
+    allow_mode_override); response headers still come, for the status."""
+    return ProcessingResponse(
+        request_headers=pb.HeadersResponse(),
+        mode_override=ProcessingMode(
+            request_body_mode=ProcessingMode.NONE,
+            response_header_mode=ProcessingMode.SEND,
+            response_body_mode=ProcessingMode.NONE,
+        ),
+    )
+
+
+def replace_request_body(body: bytes) -> ProcessingResponse:
+    """BUFFERED request body replaced whole; content-length must follow the new size."""
+    length = pb.HeaderValueOption(
+        header=pb.HeaderValue(key="content-length", raw_value=str(len(body)).encode()),
+        append_action=pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    return ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(set_headers=[length]),
+                body_mutation=pb.BodyMutation(body=body),
+            )
+        )
+    )
+
+
+def replace_response_chunk(body: bytes) -> ProcessingResponse:
+    """STREAMED response body: replace this chunk (empty bytes clears it)."""
+    mutation = pb.BodyMutation(body=body) if body else pb.BodyMutation(clear_body=True)
+    return ProcessingResponse(
+        response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+    )
+
+
+def strip_content_length_response() -> ProcessingResponse:
+    """Response headers answer for a response whose body we will rewrite: its length changes."""
+    return ProcessingResponse(
+        response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))
+        )
+    )
+
+
+Handler = Callable[[AsyncIterator[ProcessingRequest], grpc.aio.ServicerContext], AsyncIterator[ProcessingResponse]]
+
+
+def generic_handler(process: Handler) -> grpc.GenericRpcHandler:
+    """Register `process` under Envoy's service name (our messages live in our own proto package)."""
+    method = grpc.stream_stream_rpc_method_handler(
+        process,
+        request_deserializer=ProcessingRequest.FromString,
+        response_serializer=ProcessingResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": method})
+
+
+def client_stub(channel: grpc.aio.Channel) -> Any:
+    """A Process() callable for tests and tools that talk to the sidecar as Envoy would."""
+    return channel.stream_stream(
+        METHOD_PATH,
+        request_serializer=ProcessingRequest.SerializeToString,
+        response_deserializer=ProcessingResponse.FromString,
+    )

@@ -1,0 +1,199 @@
+"""Exchange + processors driven by ext_proc messages as Envoy sends them (no network)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from extproc import wire
+from extproc.events import TokenSource
+from extproc.exchange import Exchange
+from extproc.labels import Attribution
+from extproc.config import AttributionSettings
+from extproc.processors import ProcessorContext
+from extproc.stats import SidecarStats
+from extproc.tokenizers import TokenizerRegistry
+from tests import ext_proc_msgs as m
+
+TOKENIZERS = TokenizerRegistry()
+
+
+def _exchange(stats: SidecarStats | None = None) -> Exchange:
+    stats = stats or SidecarStats()
+    return Exchange(Attribution(AttributionSettings(), stats), ProcessorContext(TOKENIZERS), stats)
+
+
+def _run(ex: Exchange, msgs) -> list[wire.ProcessingResponse]:
+    out = []
+    for req in msgs:
+        kind = req.WhichOneof("request")
+        out.append(ex.handle(kind, getattr(req, kind)))
+    return out
+
+
+def _chunk(text=None, *, index=0, finish=None, usage=None, choices=True, reasoning=None):
+    delta = {}
+    if text is not None:
+        delta["content"] = text
+    if reasoning is not None:
+        delta["reasoning"] = reasoning
+    obj = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "resp-model",
+           "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish,
+                        "stop_reason": None}] if choices else [],
+           "usage": usage}
+    return orjson.dumps(obj)
+
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
+         "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+def _chat_request(**kw) -> bytes:
+    req = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    req.update(kw)
+    return orjson.dumps(req)
+
+
+def test_streaming_chat_injects_and_strips_usage():
+    ex = _exchange()
+    resps = _run(ex, [m.request_headers(x_team="search", x_feature="qa"),
+                      m.body(_chat_request(stream=True), eos=True)])
+    mutated = resps[1].request_body.response.body_mutation.body
+    sent = orjson.loads(mutated)
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+    assert resps[1].request_body.response.header_mutation.set_headers[0].header.raw_value == str(len(mutated)).encode()
+    stream = m.sse(_chunk("Hel"), _chunk("lo", finish="stop"), _chunk(choices=False, usage=USAGE), "[DONE]")
+    resps = _run(ex, [m.response_headers(), m.body(stream[:50], response=True),
+                      m.body(stream[50:], response=True), m.body(b"", response=True, eos=True)])
+    forwarded = b""
+    for i, r in enumerate(resps[1:]):
+        mut = r.response_body.response.body_mutation
+        piece = [stream[:50], stream[50:], b""][i]
+        forwarded += mut.body if mut.WhichOneof("mutation") == "body" else (b"" if mut.clear_body else piece)
+    assert b'"usage":{' not in forwarded and b"[DONE]" in forwarded and b"lo" in forwarded
+    assert ex.done
+    ev = ex.finish()
+    assert (ev.prompt_tokens, ev.completion_tokens, ev.total_tokens, ev.cached_tokens) == (11, 3, 14, 8)
+    assert ev.token_source == TokenSource.UPSTREAM_USAGE
+    assert dict(ev.labels) == {"team": "search", "feature": "qa", "user": "unattributed", "env": "unattributed"}
+    assert ev.usage_injected and ev.stream and not ev.client_aborted and ev.metered
+    assert ev.finish_reason == "stop" and ev.response_model == "resp-model" and ev.request_id == "rid-1"
+    assert ev.time_to_first_token_ns > 0 and ev.duration_ns >= ev.time_to_first_token_ns
+
+
+def test_client_asked_for_usage_keeps_chunk_and_request_untouched():
+    ex = _exchange()
+    resps = _run(ex, [m.request_headers(), m.body(_chat_request(stream=True, stream_options={"include_usage": True}), eos=True)])
+    assert not resps[1].request_body.response.HasField("body_mutation")
+    stream = m.sse(_chunk("a", finish="stop"), _chunk(choices=False, usage=USAGE), "[DONE]")
+    resps = _run(ex, [m.response_headers(), m.body(stream, response=True, eos=True)])
+    assert not resps[1].response_body.response.HasField("body_mutation")
+    assert ex.finish().completion_tokens == 3
+
+
+def test_continuous_usage_is_cumulative_not_summed():
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}), eos=True)])
+    chunks = [_chunk("x", usage={"prompt_tokens": 5, "completion_tokens": i, "total_tokens": 5 + i}) for i in (1, 2, 3)]
+    chunks.append(_chunk(choices=False, usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}))
+    _run(ex, [m.response_headers(), m.body(m.sse(*chunks, "[DONE]"), response=True, eos=True)])
+    ev = ex.finish()
+    assert (ev.prompt_tokens, ev.completion_tokens) == (5, 3)
+
+
+def test_abort_mid_stream_counts_seen_tokens_with_tokenizer():
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(stream=True), eos=True), m.response_headers(),
+              m.body(m.sse(_chunk("Hello"), _chunk(" world"), _chunk(" again", index=1)), response=True)])
+    ev = ex.finish()  # the stream ended here: Envoy reset it
+    assert ev.client_aborted
+    assert ev.token_source == TokenSource.TOKENIZER
+    assert ev.completion_tokens == TOKENIZERS.for_model("m").count("Hello world") + TOKENIZERS.for_model("m").count(" again")
+    assert ev.prompt_tokens > 0 and ev.tokenizer.startswith("tiktoken:")
+
+
+def test_n2_non_stream_json_and_reasoning():
+    ex = _exchange()
+    body = orjson.dumps({"id": "x", "object": "chat.completion", "model": "resp",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "a", "reasoning": "think hard"}, "finish_reason": "stop"},
+                                     {"index": 1, "message": {"role": "assistant", "content": "b"}, "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13}})
+    _run(ex, [m.request_headers(), m.body(_chat_request(n=2), eos=True), m.response_headers(content_type="application/json"),
+              m.body(body[:10], response=True), m.body(body[10:], response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.finish_reason == "stop,length" and ev.choices == 2 and not ev.stream
+    assert (ev.prompt_tokens, ev.completion_tokens) == (4, 9)
+    assert ev.reasoning_tokens == TOKENIZERS.for_model("m").count("think hard")
+
+
+def test_embeddings_input_tokens_only():
+    ex = _exchange()
+    body = orjson.dumps({"object": "list", "data": [{"embedding": [0.1]}], "model": "e",
+                         "usage": {"prompt_tokens": 7, "total_tokens": 7}})
+    _run(ex, [m.request_headers("/v1/embeddings"), m.body(orjson.dumps({"model": "e", "input": "hello", "stream": True}), eos=True),
+              m.response_headers(content_type="application/json"), m.body(body, response=True, eos=True)])
+    ev = ex.finish()
+    assert (ev.endpoint, ev.prompt_tokens, ev.completion_tokens, ev.total_tokens, ev.stream) == ("embeddings", 7, 0, 7, False)
+
+
+@pytest.mark.parametrize(("payload", "kind"), [(b"{not json", "malformed_request_json"),
+                                               (b"\xff\xfe{}", "non_utf8_request"),
+                                               (b"[1, 2]", "malformed_request_json")])
+def test_bad_request_bodies_are_flagged_and_passed_through(payload, kind):
+    ex = _exchange()
+    resps = _run(ex, [m.request_headers(), m.body(payload, eos=True)])
+    assert resps[1] == wire.continue_response(wire.REQUEST_BODY)
+    _run(ex, [m.response_headers(400, "application/json"),
+              m.body(b'{"error": {"message": "bad", "type": "BadRequestError", "code": 400}}', response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.error == kind and ev.http_status == 400 and ev.token_source == TokenSource.NONE
+
+
+def test_upstream_error_is_flagged_with_message():
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(), eos=True), m.response_headers(503, "application/json"),
+              m.body(b'{"error": {"message": "overloaded"}}', response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.error == "upstream_error" and "overloaded" in ev.error_detail and ev.http_status == 503
+
+
+def test_body_that_is_not_sse_is_flagged():
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(stream=True), eos=True), m.response_headers(),
+              m.body(b"<html>\nnot an event stream\n\n", response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.error == "malformed_response"
+
+
+def test_malformed_sse_json_is_flagged_and_stream_continues():
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(stream=True), eos=True), m.response_headers(),
+              m.body(m.sse(b"{broken", _chunk("ok", finish="stop"), _chunk(choices=False, usage=USAGE), "[DONE]"), response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.error == "malformed_response" and ev.completion_tokens == 3
+
+
+def test_unknown_path_passes_through_unmetered_but_counted():
+    stats = SidecarStats()
+    ex = _exchange(stats)
+    resps = _run(ex, [m.request_headers("/v1/models", method="GET"), m.response_headers(200, "application/json")])
+    assert resps[0].mode_override.response_body_mode == wire.ProcessingMode.NONE
+    assert ex.done
+    ev = ex.finish()
+    assert not ev.metered and ev.endpoint == "unknown" and ev.http_status == 200 and not ev.client_aborted
+    assert stats.unmetered_requests == 1
+
+
+def test_label_injection_is_rejected():
+    stats = SidecarStats()
+    ex = _exchange(stats)
+    _run(ex, [m.request_headers(x_team="a'; DROP TABLE usage_events; --", x_feature="x" * 500)])
+    ev = ex.finish()
+    assert ev.labels["team"] == "invalid" and ev.labels["feature"] == "invalid"
+    assert stats.labels_rejected == {"team": 1, "feature": 1}
+
+
+def test_headers_sent_as_value_not_raw_value():
+    ex = _exchange()
+    ex.handle("request_headers", m.headers({":method": "POST", ":path": "/v1/completions", "x-team": "t"}, raw=False).request_headers)
+    assert ex.processor is not None and ex.event.labels["team"] == "t"

@@ -1,0 +1,121 @@
+"""The sidecar process: wires settings -> tokenizers, storage, telemetry, gRPC server, admin API.
+
+Start order: sinks before the gRPC listener (no event without a home); stop order: gRPC first
+(finish in-flight streams, which emit their events), then flush and close the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from extproc.admin import build_admin_app, start_admin
+from extproc.config import Settings
+from extproc.events import EventSink
+from extproc.labels import Attribution
+from extproc.processors import ProcessorContext
+from extproc.server import ExtProcService, start_grpc_server
+from extproc.stats import SidecarStats
+from extproc.tokenizers import TokenizerRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Sidecar:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        extra_sinks: Sequence[EventSink] = (),
+        metric_readers: Sequence[Any] = (),
+        with_storage: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.stats = SidecarStats()
+        self._extra_sinks = list(extra_sinks)
+        self._metric_readers = list(metric_readers)
+        self._with_storage = with_storage
+        self.storage: Any = None
+        self.telemetry: Any = None
+        self.sinks: list[EventSink] = []
+        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self.admin_port = 0
+        self._admin: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        tokenizers = TokenizerRegistry(s.tokenizer.default_encoding, s.tokenizer.models)
+        await asyncio.to_thread(tokenizers.warm)
+        if self._with_storage:
+            from extproc.storage import open_storage
+
+            self.storage = await open_storage(s)
+            self.sinks.append(self.storage.sink())
+        from extproc.telemetry import Telemetry
+
+        self.telemetry = Telemetry(s, self.stats, storage=self.storage, extra_readers=self._metric_readers)
+        self.sinks.append(self.telemetry.usage_sink)
+        self.sinks.extend(self._extra_sinks)
+        for sink in self.sinks:
+            await sink.start()
+        service = ExtProcService(
+            Attribution(s.attribution, self.stats),
+            ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage),
+            self.sinks,
+            self.stats,
+        )
+        self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen)
+        app = build_admin_app(
+            self.stats,
+            report=self.storage.report if self.storage else None,
+            flush=self.force_flush,
+            metrics=self.telemetry.render_prometheus if s.metrics.prometheus else None,
+            extra_stats=self._storage_stats,
+        )
+        self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
+        log.info("ext_proc gRPC on %s (port %d), admin on http://%s:%d",
+                 s.grpc.listen, self.grpc_port, s.admin.host, self.admin_port)
+
+    def _storage_stats(self) -> dict[str, Any]:
+        if self.storage is None:
+            return {}
+        sink = self.storage.sink()
+        names = ("queue_depth", "events_inserted", "events_spooled", "events_dropped",
+                 "spool_bytes", "insert_failures", "last_flush_seconds")
+        return {n: getattr(sink, n, None) for n in names}
+
+    async def force_flush(self, timeout: float = 30.0) -> bool:
+        results = [await sink.force_flush(timeout) for sink in self.sinks]
+        return all(results)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        if self._admin is not None:
+            await self._admin.cleanup()
+        for sink in self.sinks:
+            try:
+                await sink.shutdown(30.0)
+            except Exception:
+                log.exception("shutting down sink %r", sink)
+        if self.storage is not None:
+            await self.storage.close()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining streams and flushing events")
+        await self.stop()

@@ -1,0 +1,286 @@
+"""`extproc` command line: serve, sim, dev, demo, report, migrate, envoy-config.
+
+Commands and flags are public interface: add, never rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from extproc.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("extproc")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _dsn_for(data_dir: str) -> str:
+    return "chdb://" + str(Path(data_dir).resolve())
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides.setdefault("grpc", {})["listen"] = args.listen
+    if getattr(args, "admin_port", None) is not None:
+        overrides.setdefault("admin", {})["port"] = args.admin_port
+    if getattr(args, "admin_host", None):
+        overrides.setdefault("admin", {})["host"] = args.admin_host
+    if getattr(args, "dsn", None):
+        overrides.setdefault("storage", {})["dsn"] = args.dsn
+    elif getattr(args, "data_dir", None):
+        overrides.setdefault("storage", {})["dsn"] = _dsn_for(args.data_dir)
+    if getattr(args, "tokenizer", None):
+        overrides.setdefault("tokenizer", {})["models"] = dict(t.split("=", 1) for t in args.tokenizer)
+    if getattr(args, "no_force_include_usage", False):
+        overrides["usage"] = {"force_include_usage": False}
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    return load_settings(getattr(args, "config", None), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.app import Sidecar
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    asyncio.run(Sidecar(settings).run_until_signal())
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from extproc.sim import SimConfig, run_sim
+
+    _setup_logging(args.log_level or "INFO")
+    run_sim(SimConfig(
+        host=args.host, port=args.port, model=args.model, tokens_per_second=args.tokens_per_second,
+        ttft_ms=args.ttft_ms, enable_force_include_usage=args.enable_force_include_usage,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details, reasoning=args.reasoning,
+    ))
+    return 0
+
+
+def _stack(args: argparse.Namespace):  # noqa: ANN202
+    from extproc.devstack import DevStack, StackPorts
+
+    ports = StackPorts(args.port, args.envoy_admin_port, args.grpc_port, args.admin_port, args.sim_port)
+    sim_args = ["--tokens-per-second", str(args.tokens_per_second)]
+    return DevStack(ports=ports, data_dir=args.data_dir, upstream=args.upstream, mode=args.mode,
+                    config=args.config, sim_args=sim_args)
+
+
+def _wait_for_signal() -> None:
+    got: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: got.append(s))
+    while not got:
+        signal.pause()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level or "INFO")
+    stack = _stack(args)
+    stack.start()
+    try:
+        print(f"extproc dev stack is up (logs in {stack.workdir})")
+        print(f"  OpenAI base URL : {stack.url}/v1")
+        print(f"  upstream        : {args.upstream or f'simulator on 127.0.0.1:{args.sim_port}'}")
+        print(f"  sidecar admin   : {stack.admin_url}  (/metrics, /v1/usage)")
+        print(f"  Envoy admin     : http://127.0.0.1:{args.envoy_admin_port}")
+        print("Ctrl-C to stop.", flush=True)
+        _wait_for_signal()
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from extproc.demo import run_demo
+
+    _setup_logging(args.log_level or "WARNING")
+    return run_demo(_stack(args), requests_per_team=args.requests)
+
+
+def _report_via_admin(admin_url: str, params: dict[str, str]) -> list[dict[str, Any]] | None:
+    url = f"{admin_url.rstrip('/')}/v1/usage?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return orjson.loads(resp.read())["rows"]
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"extproc report: {exc.code} from {url}: {exc.read().decode(errors='replace')}") from None
+    except (urllib.error.URLError, ConnectionError):
+        return None  # no sidecar running: read the store directly
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from extproc.storage.reports import format_rows
+
+    settings = _settings(args)
+    params = {"report": args.report, "by": args.by}
+    for key in ("since", "until", "limit"):
+        if getattr(args, key):
+            params[key] = str(getattr(args, key))
+    admin_url = args.admin_url or f"http://{settings.admin.host}:{settings.admin.port}"
+    rows = _report_via_admin(admin_url, params)
+    if rows is None:
+        rows = asyncio.run(_report_direct(settings, args))
+    format_rows(rows, args.format, args.output)
+    return 0
+
+
+async def _report_direct(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from datetime import datetime
+
+    from extproc.storage import open_storage
+
+    storage = await open_storage(settings)
+    try:
+        return await storage.report(
+            args.report, [b.strip() for b in args.by.split(",") if b.strip()],
+            since=datetime.fromisoformat(args.since) if args.since else None,
+            until=datetime.fromisoformat(args.until) if args.until else None,
+            limit=args.limit,
+        )
+    finally:
+        await storage.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from extproc.storage.client import make_client
+    from extproc.storage.migrations import migrate
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    applied = migrate(make_client(settings.storage), settings)
+    print(f"migrations applied: {applied}")
+    return 0
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from extproc.envoy_config import EnvoyOptions, render_yaml
+
+    sys.stdout.write(render_yaml(EnvoyOptions(
+        upstream=args.upstream, listen_host=args.listen_host, listen_port=args.port,
+        admin_port=args.envoy_admin_port, extproc_address=args.extproc, mode=args.mode,
+    )))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML settings file (also EXTPROC_CONFIG)")
+    p.add_argument("--log-level", default=None)
+
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="embedded ClickHouse (chDB) directory, default ./.extproc/data")
+    p.add_argument("--dsn", help="storage DSN: chdb:///path or http(s)://user:pass@host:8123/db")
+
+
+def _stack_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream", help="use this OpenAI-compatible server (e.g. a real vLLM) instead of the simulator")
+    p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
+    p.add_argument("--envoy-admin-port", type=int, default=9901)
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--admin-port", type=int, default=8081)
+    p.add_argument("--sim-port", type=int, default=8000)
+    p.add_argument("--data-dir", default="./.extproc/data")
+    p.add_argument("--mode", choices=("sync", "observe"), default="sync")
+    p.add_argument("--tokens-per-second", type=float, default=200.0, help="simulator speed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the ext_proc sidecar")
+    _common(p)
+    _storage_flags(p)
+    p.add_argument("--listen", help="gRPC listen address host:port or unix:/path (default 127.0.0.1:50051)")
+    p.add_argument("--admin-host")
+    p.add_argument("--admin-port", type=int)
+    p.add_argument("--tokenizer", action="append", metavar="MODEL=PATH",
+                   help="tokenizer.json for a served model ('llama3' = bundled Llama 3); repeatable")
+    p.add_argument("--no-force-include-usage", action="store_true",
+                   help="do not set stream_options.include_usage on streaming requests")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sim", help="run the vLLM-compatible simulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="meta-llama/Llama-3.1-8B-Instruct")
+    p.add_argument("--tokens-per-second", type=float, default=0.0)
+    p.add_argument("--ttft-ms", type=float, default=0.0)
+    p.add_argument("--enable-force-include-usage", action="store_true")
+    p.add_argument("--enable-prompt-tokens-details", action="store_true")
+    p.add_argument("--reasoning", action="store_true")
+    p.add_argument("--log-level", default=None)
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("dev", help="simulator + sidecar + Envoy in the foreground until Ctrl-C")
+    _common(p)
+    _stack_flags(p)
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("demo", help="start the dev stack, send traffic from several teams, print chargeback")
+    _common(p)
+    _stack_flags(p)
+    p.add_argument("--requests", type=int, default=6, help="requests per team")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="chargeback report (through a running sidecar, else from the store)")
+    _common(p)
+    _storage_flags(p)
+    p.add_argument("--report", default="chargeback", help="report name (a SQL file in deploy/clickhouse/queries)")
+    p.add_argument("--by", default="team,feature,model")
+    p.add_argument("--since")
+    p.add_argument("--until")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table")
+    p.add_argument("--output", help="write to this file instead of stdout")
+    p.add_argument("--admin-url", help="sidecar admin URL (default from settings)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("migrate", help="apply ClickHouse migrations")
+    _common(p)
+    _storage_flags(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this sidecar")
+    p.add_argument("--upstream", default="http://127.0.0.1:8000")
+    p.add_argument("--listen-host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=10000)
+    p.add_argument("--envoy-admin-port", type=int, default=9901)
+    p.add_argument("--extproc", default="127.0.0.1:50051", help="sidecar address host:port or unix:/path")
+    p.add_argument("--mode", choices=("sync", "observe"), default="sync")
+    p.set_defaults(func=cmd_envoy_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"extproc: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

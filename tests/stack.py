@@ -1,0 +1,84 @@
+"""Test harness: the sidecar in-process (in its own thread and event loop, so tests can read its
+state and in-memory metrics) between a real Envoy and the simulator, each a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from extproc.app import Sidecar
+from extproc.config import Settings, load_settings
+from extproc.devstack import ManagedProcess, envoy_process, free_port, python_cli
+from extproc.envoy_config import EnvoyOptions
+
+T = TypeVar("T")
+
+
+class ThreadedSidecar:
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.sidecar = Sidecar(settings, **kwargs)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sidecar", daemon=True)
+
+    def start(self) -> ThreadedSidecar:
+        self._thread.start()
+        self.call(self.sidecar.start(), timeout=120)
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.sidecar.stop(grace=2), timeout=120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+def sidecar_settings(data_dir: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "grpc": {"listen": "127.0.0.1:0"},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "storage": {"dsn": f"chdb://{data_dir / 'data'}"},
+        "spool": {"dir": str(data_dir / "spool")},
+        "batch": {"flush_interval_ms": 200},
+        "tokenizer": {"models": {"meta-llama/Llama-3.1-8B-Instruct": "llama3"}},
+    }
+    for key, value in overrides.items():
+        base.setdefault(key, {}).update(value) if isinstance(value, dict) else base.__setitem__(key, value)
+    return load_settings(None, base, environ={})
+
+
+def start_sim(workdir: Path, *args: str) -> tuple[ManagedProcess, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = ManagedProcess("sim", python_cli("sim", "--port", str(port), *args), ready_url=f"{url}/health",
+                          log_path=workdir / f"sim-{port}.log")
+    proc.start()
+    return proc, url
+
+
+def start_envoy(workdir: Path, upstream: str, grpc_port: int | None, **opts: Any) -> tuple[ManagedProcess, str, int]:
+    listen, admin = free_port(), free_port()
+    proc = envoy_process(EnvoyOptions(upstream=upstream, listen_port=listen, admin_port=admin,
+                                      extproc_address=f"127.0.0.1:{grpc_port or 1}",
+                                      with_extproc=grpc_port is not None, **opts), workdir)
+    proc.start()
+    return proc, f"http://127.0.0.1:{listen}", admin
+
+
+def envoy_stats(admin_port: int, prefixes: Sequence[str] = ("http.ingress.ext_proc",)) -> dict[str, int]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?format=json", timeout=5) as r:
+        import json
+
+        stats = json.loads(r.read())["stats"]
+    return {s["name"]: s.get("value", 0) for s in stats
+            if "value" in s and any(s["name"].startswith(p) for p in prefixes)}

@@ -88,8 +88,8 @@ def _ext_proc_filter(opts: EnvoyOptions) -> dict[str, Any]:
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SEND",
-            # observe mode cannot rewrite the request; it still reads it.
-            "request_body_mode": "BUFFERED",
+            # Observability mode supports STREAMED only; it cannot rewrite the request anyway.
+            "request_body_mode": "STREAMED" if observe else "BUFFERED",
             "response_body_mode": "STREAMED",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",

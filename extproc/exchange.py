@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "done",
-        "_finished", "_response_started",
+        "_finished", "_request_body", "observe",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
@@ -34,7 +34,10 @@ class Exchange:
         # True once nothing more is expected from Envoy: the stream can be closed.
         self.done = False
         self._finished = False
-        self._response_started = False
+        # Request body pieces (STREAMED request bodies, as in observability mode).
+        self._request_body: list[bytes] = []
+        # Observability mode: Envoy ignores our answers, so nothing can be rewritten.
+        self.observe = False
 
     def handle(self, kind: str, msg) -> wire.ProcessingResponse:  # noqa: ANN001 - a oneof member
         if kind == wire.REQUEST_HEADERS:
@@ -70,8 +73,15 @@ class Exchange:
         p = self.processor
         if p is None:
             return wire.continue_response(wire.REQUEST_BODY)
+        if not msg.end_of_stream:
+            self._request_body.append(msg.body)
+            return wire.continue_response(wire.REQUEST_BODY)
+        body = b"".join((*self._request_body, msg.body)) if self._request_body else msg.body
+        self._request_body = []
+        if self.observe:
+            p.ctx = p.ctx.without_rewrites()
         try:
-            replacement = p.on_request_body(msg.body)
+            replacement = p.on_request_body(body)
         except RequestError as exc:
             p.error, p.error_detail = exc.kind, exc.detail
             log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)

@@ -49,6 +49,8 @@ class ExtProcService:
                     stats.errors["empty_message"] += 1
                     continue
                 stats.messages[kind] += 1
+                if req.observability_mode:
+                    exchange.observe = True
                 try:
                     resp = exchange.handle(kind, getattr(req, kind))
                 except Exception as exc:

@@ -67,8 +67,10 @@ def test_typed_ext_proc_settings(path):
     assert type(ext).__name__ == "ExternalProcessor"
     assert ext.allow_mode_override and ext.failure_mode_allow
     mode = ext.processing_mode
-    assert (mode.request_body_mode.name, mode.response_body_mode.name) == ("BUFFERED", "STREAMED")
-    assert ext.observability_mode == ("observe" in path.name)
+    observe = "observe" in path.name
+    want = ("STREAMED" if observe else "BUFFERED", "STREAMED")
+    assert (mode.request_body_mode.name, mode.response_body_mode.name) == want
+    assert ext.observability_mode == observe
     extproc = next(c for c in boot.static_resources.clusters if c.name == "extproc")
     opts = extproc.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].unpack()
     assert opts.explicit_http_config.http2_protocol_options is not None

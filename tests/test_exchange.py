@@ -197,3 +197,17 @@ def test_headers_sent_as_value_not_raw_value():
     ex = _exchange()
     ex.handle("request_headers", m.headers({":method": "POST", ":path": "/v1/completions", "x-team": "t"}, raw=False).request_headers)
     assert ex.processor is not None and ex.event.labels["team"] == "t"
+
+
+def test_streamed_request_body_in_observe_mode_is_read_but_never_rewritten():
+    ex = _exchange()
+    ex.observe = True
+    body = _chat_request(stream=True)
+    resps = _run(ex, [m.request_headers(), m.body(body[:7]), m.body(body[7:], eos=True)])
+    assert not any(r.request_body.response.HasField("body_mutation") for r in resps[1:])
+    stream = m.sse(_chunk("Hello"), _chunk(" there", finish="stop"), "[DONE]")
+    _run(ex, [m.response_headers(), m.body(stream, response=True, eos=True)])
+    ev = ex.finish()
+    assert not ev.usage_injected and ev.stream and ev.request_model == "m"
+    assert ev.token_source == TokenSource.TOKENIZER
+    assert ev.completion_tokens == TOKENIZERS.for_model("m").count("Hello there")

@@ -25,10 +25,13 @@ MAX_ERROR_BODY = 4096
 MAX_JSON_BODY = 64 * 1024 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ProcessorContext:
     tokenizers: TokenizerRegistry
     force_include_usage: bool = True
+
+    def without_rewrites(self) -> ProcessorContext:
+        return ProcessorContext(self.tokenizers, force_include_usage=False)
 
 
 @dataclass(slots=True)

@@ -63,6 +63,21 @@ class StorageSettings:
     # chdb:///path (embedded ClickHouse) or http(s)://user:pass@host:8123/db
     dsn: str = "chdb:///./.extproc/data"
     database: str = "extproc"
+    # TLS for https:// DSNs (clickhouse-connect's verify / ca_cert / client_cert / client_cert_key)
+    verify: bool = True
+    ca_cert: str = ""
+    client_cert: str = ""
+    client_cert_key: str = ""
+    connect_timeout_ms: int = 10_000
+    query_timeout_ms: int = 300_000
+    # retention of the raw usage_events table / of the hourly rollup, in days; 0 keeps forever.
+    # Applied at start (and by `extproc migrate`) with ALTER TABLE ... MODIFY TTL when it changed.
+    ttl_days: int = 0
+    rollup_ttl_days: int = 0
+    # non-empty: apply the ON CLUSTER / Replicated DDL (extproc/sql/cluster) on this cluster
+    cluster: str = ""
+    # longer strings are truncated (counted, logged) before insert
+    max_value_bytes: int = 65_536
 
 
 @dataclass
@@ -70,6 +85,11 @@ class BatchSettings:
     max_queue_size: int = 100_000
     max_batch_size: int = 5_000
     flush_interval_ms: int = 1_000
+    # an insert not answered within this time counts as failed and is retried (deduplicated)
+    insert_timeout_ms: int = 30_000
+    # retry backoff after a failed insert: doubles from initial to max
+    retry_initial_ms: int = 200
+    retry_max_ms: int = 10_000
 
 
 @dataclass
@@ -77,6 +97,10 @@ class SpoolSettings:
     dir: str = "./.extproc/spool"
     # always: fsync every write; batch: fsync per spooled batch; never: leave it to the OS
     fsync: str = "batch"
+    # a segment file is closed and a new one started past this size
+    segment_bytes: int = 64 * 1024 * 1024
+    # fsync=batch|never: buffered events are written to the segment at least this often
+    write_interval_ms: int = 200
 
 
 @dataclass
@@ -88,6 +112,11 @@ class MetricsSettings:
     labels: list[str] = field(default_factory=lambda: ["team", "feature", "env"])
     max_label_values: int = 100
     vllm_metrics_url: str = ""
+    # also put the labels above on the latency histograms (duration, TTFT, TPOT): ~16 buckets
+    # per series, so off by default; token usage and the counters always carry them
+    labels_on_latency: bool = False
+    vllm_scrape_interval_ms: int = 5_000
+    vllm_scrape_timeout_ms: int = 2_000
 
 
 @dataclass

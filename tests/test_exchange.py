@@ -6,10 +6,10 @@ import orjson
 import pytest
 
 from extproc import wire
+from extproc.config import AttributionSettings
 from extproc.events import TokenSource
 from extproc.exchange import Exchange
 from extproc.labels import Attribution
-from extproc.config import AttributionSettings
 from extproc.processors import ProcessorContext
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry

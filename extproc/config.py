@@ -117,6 +117,10 @@ class MetricsSettings:
     labels_on_latency: bool = False
     vllm_scrape_interval_ms: int = 5_000
     vllm_scrape_timeout_ms: int = 2_000
+    # series per metric (label combinations); past it new combinations land in one
+    # otel.metric.overflow="true" series (totals stay exact). 2000 is the OTel SDK default;
+    # teams x features x envs x models can need more.
+    max_series: int = 2_000
 
 
 @dataclass

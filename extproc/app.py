@@ -44,7 +44,7 @@ class Sidecar:
         self.storage: Any = None
         self.telemetry: Any = None
         self.sinks: list[EventSink] = []
-        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_server: grpc.aio.Server | Any = None
         self.grpc_port = 0
         self.admin_port = 0
         self._admin: web.AppRunner | None = None
@@ -58,10 +58,11 @@ class Sidecar:
 
             self.storage = await open_storage(s)
             self.sinks.append(self.storage.sink())
-        from extproc.telemetry import Telemetry
+        from extproc.telemetry import UsageMetrics
 
-        self.telemetry = Telemetry(s, self.stats, storage=self.storage, extra_readers=self._metric_readers)
-        self.sinks.append(self.telemetry.usage_sink)
+        self.telemetry = UsageMetrics.from_settings(
+            s, self.stats, storage=self.storage, extra_readers=self._metric_readers)
+        self.sinks.append(self.telemetry)
         self.sinks.extend(self._extra_sinks)
         for sink in self.sinks:
             await sink.start()
@@ -71,12 +72,17 @@ class Sidecar:
             self.sinks,
             self.stats,
         )
-        self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen)
+        if s.grpc.transport == "h2":
+            from extproc.transport import start_h2_server
+
+            self.grpc_server, self.grpc_port = await start_h2_server(service.process, s.grpc.listen)
+        else:
+            self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen)
         app = build_admin_app(
             self.stats,
             report=self.storage.report if self.storage else None,
             flush=self.force_flush,
-            metrics=self.telemetry.render_prometheus if s.metrics.prometheus else None,
+            metrics=self.telemetry.render_prometheus if self.telemetry.prometheus else None,
             extra_stats=self._storage_stats,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
@@ -107,8 +113,6 @@ class Sidecar:
                 log.exception("shutting down sink %r", sink)
         if self.storage is not None:
             await self.storage.close()
-        if self.telemetry is not None:
-            self.telemetry.shutdown()
 
     async def run_until_signal(self) -> None:
         await self.start()

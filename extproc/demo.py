@@ -24,13 +24,14 @@ PROMPTS = [
 
 
 def _traffic(base_url: str, team: str, feature: str, n: int, model: str) -> int:
+    """One client per (team, feature), as separate services would have."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key="demo-key",
                     default_headers={"x-team": team, "x-feature": feature, "x-user": f"{team}-bot"})
     sent = 0
     for i in range(n):
-        prompt = PROMPTS[(i + len(team)) % len(PROMPTS)]
+        prompt = PROMPTS[(i + len(feature)) % len(PROMPTS)]
         if feature.startswith("embeddings"):
             client.embeddings.create(model=model, input=[prompt, prompt[::-1]])
         elif i % 3 == 2:
@@ -60,7 +61,8 @@ def run_demo(stack: DevStack, requests_per_team: int = 6) -> int:
     t0 = time.monotonic()
     with stack:
         print(f"stack up in {time.monotonic() - t0:.1f}s; Envoy on {stack.url}", flush=True)
-        with urllib.request.urlopen(f"{stack.url}/v1/models", timeout=10) as resp:
+        models = urllib.request.Request(f"{stack.url}/v1/models", headers={"x-team": "platform"})
+        with urllib.request.urlopen(models, timeout=10) as resp:
             model = json.loads(resp.read())["data"][0]["id"]
         jobs = [(team, feature) for team, features in TEAMS.items() for feature in features]
         t1 = time.monotonic()

@@ -11,7 +11,10 @@ import uuid
 
 import openai
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.telemetry.testing import read
 from tests.stack import ThreadedSidecar, envoy_stats, sidecar_settings, start_envoy, start_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -41,7 +44,8 @@ def stack(tmp_path_factory):
     sim, sim_url = start_sim(work, "--enable-prompt-tokens-details", "--tokens-per-second", "0")
     slow, slow_url = start_sim(work, "--tokens-per-second", "40")
     rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(work), extra_sinks=[rec]).start()
+    reader = InMemoryMetricReader()
+    sc = ThreadedSidecar(sidecar_settings(work), extra_sinks=[rec], metric_readers=[reader]).start()
     envoy, url, admin = start_envoy(work, sim_url, sc.sidecar.grpc_port)
     envoy_slow, slow_envoy_url, admin_slow = start_envoy(work, slow_url, sc.sidecar.grpc_port)
 
@@ -50,6 +54,7 @@ def stack(tmp_path_factory):
 
     s = Stack()
     s.url, s.slow_url, s.sim_url, s.sidecar, s.rec = url, slow_envoy_url, sim_url, sc, rec
+    s.reader = reader
     s.envoy_admins = (admin, admin_slow)
     yield s
     for proc in (envoy, envoy_slow):
@@ -272,3 +277,47 @@ def test_envoy_saw_no_ext_proc_failures(stack):
                     if any(w in k for w in ("failed", "failure_mode_allowed", "timeout", "msgs_errored")) and v}
         assert not failures, failures
         assert stats.get("http.ingress.ext_proc.streams_started", 0) > 0
+
+
+def _sum_points(snapshot, name: str, **match: str) -> float:
+    total = 0.0
+    for attrs in snapshot.attribute_sets(name):
+        if all(attrs.get(k) == v for k, v in match.items()):
+            point = snapshot.point(name, attrs)
+            total += point.sum if hasattr(point, "bucket_counts") else point.value
+    return total
+
+
+def test_metrics_after_real_requests_equal_the_events(stack):
+    team = "t" + uuid.uuid4().hex[:8]
+    users = [_uid() for _ in range(4)]
+    for i, user in enumerate(users):
+        client = _client(stack.url, user, team=team, feature="metrics")
+        if i % 2:
+            list(client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=9 + i, stream=True))
+        else:
+            client.completions.create(model=MODEL, prompt="count me", max_tokens=5 + i)
+    events = [_event(stack, u) for u in users]
+    snap = read(stack.reader)
+    want_in = sum(e.prompt_tokens for e in events)
+    want_out = sum(e.completion_tokens for e in events)
+    assert _sum_points(snap, "extproc.tokens", team=team, **{"token.type": "input"}) == want_in
+    assert _sum_points(snap, "extproc.tokens", team=team, **{"token.type": "output"}) == want_out
+    assert _sum_points(snap, "gen_ai.client.token.usage", team=team, **{"gen_ai.token.type": "input"}) == want_in
+    assert _sum_points(snap, "extproc.requests", team=team) == 4
+    ops = {a["gen_ai.operation.name"] for a in snap.attribute_sets("gen_ai.client.token.usage") if a.get("team") == team}
+    assert ops == {"chat", "text_completion"}
+    ttft = [a for a in snap.attribute_sets("gen_ai.server.time_to_first_token")]
+    assert ttft, "streaming requests record time to first token"
+
+    # The same numbers over HTTP from the admin port, parsed as Prometheus text.
+    port = stack.sidecar.sidecar.admin_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    got = {"input": 0.0, "output": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "extproc_tokens":
+            for sample in family.samples:
+                if sample.labels.get("team") == team and sample.labels.get("token_type") in got:
+                    got[sample.labels["token_type"]] += sample.value
+    assert got == {"input": want_in, "output": want_out}

@@ -1,0 +1,75 @@
+"""The other ways to run: observability mode (Envoy does not wait for the sidecar) and the lean
+h2 transport, each through the real Envoy with the openai client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import openai
+import pytest
+
+from tests.stack import ThreadedSidecar, envoy_stats, sidecar_settings, start_envoy, start_sim
+from tests.test_e2e import MODEL, MSG, RecordingSink, _sim_counters
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    proc, url = start_sim(tmp_path_factory.mktemp("sim"))
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(params=[("grpcio", "observe"), ("h2", "sync"), ("h2", "observe")], ids=lambda p: "-".join(p))
+def stack(request, sim, tmp_path):
+    transport, mode = request.param
+    rec = RecordingSink()
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": transport}), extra_sinks=[rec]).start()
+    envoy, url, admin = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode=mode)
+    yield mode, url, admin, rec, sc
+    envoy.stop()
+    sc.stop()
+
+
+def _wait(rec, user, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in rec.events if e.labels.get("user") == user]
+        if found:
+            time.sleep(0.05)
+            assert len([e for e in rec.events if e.labels.get("user") == user]) == 1
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError("no event")
+
+
+def test_modes_meter_every_request(stack, sim):
+    mode, url, admin, rec, sc = stack
+    cases = [dict(stream=False), dict(stream=True), dict(stream=True, stream_options={"include_usage": True})]
+    for case in cases * 2:
+        user = "u" + uuid.uuid4().hex[:10]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0,
+                               default_headers={"x-team": "modes", "x-user": user})
+        before = _sim_counters(sim)
+        out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=25, **case)
+        if case["stream"]:
+            chunks = list(out)
+            if "stream_options" not in case:
+                assert all(c.usage is None for c in chunks)
+        after = _sim_counters(sim)
+        truth = (after[0] - before[0], after[1] - before[1])
+        ev = _wait(rec, user)
+        assert not ev.client_aborted and not ev.error
+        if mode == "observe" and case["stream"] and "stream_options" not in case:
+            # Observe mode cannot ask vLLM for usage: the model's tokenizer counts the text.
+            # vLLM counts the end-of-sequence token on a "stop" finish; the text does not hold it.
+            assert ev.token_source == 2 and not ev.usage_injected
+            eos = 1 if ev.finish_reason == "stop" else 0
+            assert ev.completion_tokens == truth[1] - eos
+        else:
+            assert ev.token_source == 1
+            assert (ev.prompt_tokens, ev.completion_tokens) == truth
+    stats = envoy_stats(admin)
+    bad = {k: v for k, v in stats.items() if v and any(w in k for w in ("failed", "failure_mode_allowed", "timeout"))}
+    assert not bad, bad
+    assert sc.sidecar.stats.events_emitted == len(cases) * 2

@@ -239,11 +239,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         storage = await open_storage(settings_in(work, "batch"))
         rss_start = rss_mb()
         results: dict[str, Any] = {"sustained": [], "burst": []}
+        # bursts first: their RSS figures should not include caches grown by 1M prior inserts
+        for stall in (False, True):
+            results["burst"].append(await burst(storage, args.base_rate, stall, args.phase))
         for fsync, n in (("batch", args.events), ("always", args.events // 2),
                          ("never", args.events // 2)):
             results["sustained"].append(await sustained(storage, n, fsync))
-        for stall in (False, True):
-            results["burst"].append(await burst(storage, args.base_rate, stall, args.phase))
         await storage.close()
         results["rss_after_open_mb"] = round(rss_start, 1)
         results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -96,7 +96,11 @@ class BatchSettings:
 @dataclass
 class SpoolSettings:
     dir: str = "./.extproc/spool"
-    # always: fsync every write; batch: fsync per spooled batch; never: leave it to the OS
+    # Every event is written ahead to the spool, then inserted and acknowledged.
+    # always: the event is in the page cache when emit() returns (survives a process crash)
+    #   and fdatasynced right behind it; batch: buffered, written + fdatasynced every
+    #   write_interval_ms and before each insert (a crash loses <= that interval); never: as
+    #   batch without fdatasync (power loss: whatever the OS had not written)
     fsync: str = "batch"
     # a segment file is closed and a new one started past this size
     segment_bytes: int = 64 * 1024 * 1024

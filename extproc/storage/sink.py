@@ -1,0 +1,131 @@
+"""Insert one batch of UsageEvents into ClickHouse, idempotently.
+
+Dedup: every insert carries insert_deduplication_token = a hash of the batch's serialized
+events. A retry of the same batch (after a timeout whose insert in fact succeeded, or a replay
+after a crash) carries the same token, and ClickHouse drops it: raw table and rollup once.
+usage_events has non_replicated_deduplication_window (Replicated tables dedup by default), and
+deduplicate_blocks_in_dependent_materialized_views=1 lets a retry complete a rollup insert
+that failed after the raw insert had succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from extproc.events import UsageEvent
+from extproc.storage.columns import ColumnStats, to_arrow
+
+TABLE = "usage_events"
+
+# ClickHouse error codes that mean "this data can never be inserted": retrying is useless, the
+# batch is split to isolate the bad rows. Everything else (network, timeouts, HTTP 5xx, memory
+# limits, too many parts, readonly, ...) is retried with the same token.
+DATA_ERROR_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    26,   # CANNOT_PARSE_QUOTED_STRING
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    32,   # ATTEMPT_TO_READ_AFTER_EOF
+    33,   # CANNOT_READ_ALL_DATA
+    38,   # CANNOT_PARSE_DATE
+    41,   # CANNOT_PARSE_DATETIME
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    469,  # VIOLATED_CONSTRAINT
+})
+
+
+class DataError(Exception):
+    """Not retryable: the content of the batch is the problem."""
+
+
+def is_data_error(exc: BaseException) -> bool:
+    if isinstance(exc, DataError):
+        return True
+    code = getattr(exc, "code", None)
+    try:
+        return int(code) in DATA_ERROR_CODES  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_token(payloads: Sequence[bytes]) -> str:
+    """Same events in the same order -> same token, in any process, on any host."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in payloads:
+        h.update(len(p).to_bytes(4, "little"))
+        h.update(p)
+    return "extproc-" + h.hexdigest()
+
+
+class BatchWriter(Protocol):
+    """What the batcher needs: raises DataError (not retryable) or anything else (retry).
+
+    A writer may also offer prepare(events) -> P (CPU work, may raise DataError) and
+    start(P, token) -> wait (starts the insert; wait() blocks until it is done and raises like
+    write): the batcher then builds the next batch while the current one is being inserted."""
+
+    def write(self, events: Sequence[UsageEvent], token: str) -> None: ...
+
+
+class ClientRunner(Protocol):
+    """Runs fn(client) on the storage's ClickHouse thread (see store.Storage)."""
+
+    def submit(self, fn: Callable[[Any], Any], timeout: float | None) -> Future[Any]: ...
+
+    def wait(self, future: Future[Any], timeout: float | None) -> Any: ...
+
+
+class ClickHouseWriter:
+    def __init__(
+        self,
+        runner: ClientRunner,
+        *,
+        table: str = TABLE,
+        timeout: float | None = 30.0,
+        max_value_bytes: int = 65_536,
+        stats: ColumnStats | None = None,
+    ) -> None:
+        self._runner = runner
+        self._table = table
+        self._timeout = timeout
+        self._max_value_bytes = max_value_bytes
+        self.stats = stats if stats is not None else ColumnStats()
+
+    def prepare(self, events: Sequence[UsageEvent]) -> pa.Table:
+        try:
+            return to_arrow(events, self._max_value_bytes, self.stats)
+        except Exception as exc:  # a value Arrow cannot take, e.g. http_status > 65535
+            raise DataError(f"column conversion failed: {exc}") from exc
+
+    def start(self, table: pa.Table, token: str) -> Callable[[], None]:
+        settings = {
+            "insert_deduplicate": 1,
+            "insert_deduplication_token": token,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+        }
+        future = self._runner.submit(
+            lambda c: c.insert_arrow(self._table, table, settings=settings), self._timeout
+        )
+
+        def wait() -> None:
+            try:
+                self._runner.wait(future, self._timeout)
+            except Exception as exc:
+                if is_data_error(exc):
+                    raise DataError(str(exc)) from exc
+                raise
+
+        return wait
+
+    def write(self, events: Sequence[UsageEvent], token: str) -> None:
+        self.start(self.prepare(events), token)()

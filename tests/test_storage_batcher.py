@@ -1,0 +1,252 @@
+"""BatchProcessor against an in-memory writer with ClickHouse's dedup semantics: batching,
+flush/shutdown, faults, queue overflow, data-error isolation, replay after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from extproc.config import BatchSettings
+from extproc.storage.batcher import BatchProcessor
+from extproc.storage.spool import Spool, iter_segment
+from tests.storage_helpers import (
+    FAULTS,
+    FakeWriter,
+    PipelinedFakeWriter,
+    flaky,
+    make_event,
+    wait_until,
+)
+
+
+def batcher(tmp_path: Path, writer, *, fsync: str = "batch", **batch) -> BatchProcessor:
+    settings = BatchSettings(
+        **{"flush_interval_ms": 50, "retry_initial_ms": 5, "retry_max_ms": 40, **batch}
+    )
+    return BatchProcessor(writer, Spool(tmp_path / "spool", fsync, segment_bytes=64 * 1024),
+                          settings)
+
+
+def assert_exactly_once(writer: FakeWriter, ids: list[str]) -> None:
+    counts = writer.ids()
+    assert set(counts) == set(ids), f"missing {len(set(ids) - set(counts))}"
+    assert max(counts.values()) == 1, "duplicates"
+
+
+async def test_flushes_at_max_batch_size(tmp_path: Path) -> None:
+    w = FakeWriter()
+    bp = batcher(tmp_path, w, max_batch_size=100, flush_interval_ms=60_000)
+    await bp.start()
+    for i in range(1000):
+        bp.emit(make_event(i))
+    assert await asyncio.to_thread(wait_until, lambda: len(w.rows) == 1000, 5)
+    assert w.batch_sizes == [100] * 10  # size-triggered, the interval never elapsed
+    await bp.shutdown()
+
+
+async def test_flushes_on_interval(tmp_path: Path) -> None:
+    w = FakeWriter()
+    bp = batcher(tmp_path, w, max_batch_size=10_000, flush_interval_ms=100)
+    await bp.start()
+    t0 = time.monotonic()
+    for i in range(3):
+        bp.emit(make_event(i))
+    assert await asyncio.to_thread(wait_until, lambda: len(w.rows) == 3, 5)
+    assert 0.05 < time.monotonic() - t0 < 1.0
+    await bp.shutdown()
+
+
+async def test_force_flush_and_shutdown_flush_everything(tmp_path: Path) -> None:
+    w = FakeWriter()
+    bp = batcher(tmp_path, w, flush_interval_ms=60_000)
+    await bp.start()
+    events = [make_event(i) for i in range(250)]
+    for e in events[:200]:
+        bp.emit(e)
+    assert await bp.force_flush(5)
+    assert len(w.rows) == 200
+    for e in events[200:]:
+        bp.emit(e)
+    await bp.shutdown(5)
+    assert_exactly_once(w, [e.event_id for e in events])
+    assert bp.events_inserted == 250 and bp.backlog == 0 and bp.spool_bytes == 0
+    assert not list((tmp_path / "spool").glob("*.seg"))  # nothing left to replay
+
+
+async def test_emit_never_raises(tmp_path: Path) -> None:
+    w = FakeWriter()
+    bp = batcher(tmp_path, w)
+    await bp.start()
+    bp.emit("not an event")  # type: ignore[arg-type]
+    assert bp.events_dropped == 1
+    await bp.shutdown()
+    bp.emit(make_event(1))  # after shutdown: counted, not raised
+    assert bp.events_dropped == 2
+
+
+async def test_events_emitted_before_start_are_kept(tmp_path: Path) -> None:
+    w = FakeWriter()
+    bp = batcher(tmp_path, w)
+    events = [make_event(i) for i in range(10)]
+    for e in events:
+        bp.emit(e)
+    await bp.start()
+    await bp.shutdown()
+    assert_exactly_once(w, [e.event_id for e in events])
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("commit_then_fail", [False, True])
+@pytest.mark.parametrize("writer_cls", [FakeWriter, PipelinedFakeWriter])
+async def test_failures_under_load_deliver_exactly_once(
+    tmp_path: Path, fault: str, commit_then_fail: bool, writer_cls: type[FakeWriter]
+) -> None:
+    inner = writer_cls()
+    faulty = flaky(inner, fault, commit_then_fail=commit_then_fail)
+    bp = batcher(tmp_path, faulty, max_batch_size=50, max_queue_size=300)
+    await bp.start()
+    events = [make_event(i) for i in range(3000)]
+    for n, e in enumerate(events):
+        if n == 500:
+            faulty.failing.set()
+        if n == 2500:  # end the outage once it has really been hit
+            await asyncio.to_thread(wait_until, lambda: faulty.failures >= 2, 10)
+            faulty.failing.clear()
+        bp.emit(e)
+        if n % 100 == 0:
+            await asyncio.sleep(0.005)  # a stream, not one burst
+    assert await bp.force_flush(10)
+    await bp.shutdown()
+    assert faulty.failures > 0 and bp.insert_failures == faulty.failures
+    assert bp.events_spooled > 0  # the 300-event queue overflowed to disk meanwhile
+    assert bp.events_dropped == 0
+    assert_exactly_once(inner, [e.event_id for e in events])
+    # in order: sequence order is emit order
+    assert [e.request_id for e in inner.rows] == [e.request_id for e in events]
+
+
+async def test_queue_full_spools_and_replays_in_order(tmp_path: Path) -> None:
+    inner = FakeWriter()
+    faulty = flaky(inner)
+    faulty.failing.set()
+    bp = batcher(tmp_path, faulty, max_batch_size=100, max_queue_size=200)
+    await bp.start()
+    events = [make_event(i) for i in range(5000)]
+    for e in events:
+        bp.emit(e)
+    assert bp.queue_depth <= 200
+    assert bp.events_spooled >= 4700
+    assert bp.backlog == 5000
+    await asyncio.sleep(0.2)
+    assert bp.spool_oldest_age_s > 0.1
+    faulty.failing.clear()
+    assert await bp.force_flush(10)
+    assert bp.events_replayed >= 4700
+    assert bp.spool_oldest_age_s == 0
+    await bp.shutdown()
+    assert [e.request_id for e in inner.rows] == [e.request_id for e in events]
+    assert_exactly_once(inner, [e.event_id for e in events])
+
+
+@pytest.mark.parametrize("writer_cls", [FakeWriter, PipelinedFakeWriter])
+async def test_data_error_isolates_the_bad_row(tmp_path: Path, writer_cls) -> None:
+    events = [make_event(i) for i in range(100)]
+    w = writer_cls(poison={events[37].event_id})
+    bp = batcher(tmp_path, w, max_batch_size=100)
+    await bp.start()
+    for e in events:
+        bp.emit(e)
+    await bp.shutdown()
+    assert_exactly_once(w, [e.event_id for n, e in enumerate(events) if n != 37])
+    assert bp.events_dead_lettered == 1 and bp.events_dropped == 0
+    dead = list(iter_segment(tmp_path / "spool" / "deadletter" / "deadletter.seg"))
+    assert [p for _, p in dead] == [events[37].SerializeToString()]
+    reason = (tmp_path / "spool" / "deadletter" / "index.jsonl").read_text()
+    assert "poisoned test row" in reason
+
+
+async def test_undecodable_spool_record_is_dead_lettered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    good = [make_event(i) for i in range(5)]
+    spool.append(good[0].SerializeToString())
+    bad = good[1].SerializeToString().replace(b"team-1", b"team\xff1")  # invalid UTF-8
+    spool.append(bad)
+    for e in good[2:]:
+        spool.append(e.SerializeToString())
+    spool.close()
+    w = FakeWriter()
+    bp = batcher(tmp_path, w)
+    await bp.start()
+    assert bp.events_recovered == 5
+    await bp.shutdown()
+    assert_exactly_once(w, [good[i].event_id for i in (0, 2, 3, 4)])
+    assert bp.events_dead_lettered == 1
+
+
+async def test_restart_replays_what_the_spool_holds(tmp_path: Path) -> None:
+    inner = FakeWriter()
+    faulty = flaky(inner)
+    faulty.failing.set()
+    first = batcher(tmp_path, faulty)
+    await first.start()
+    events = [make_event(i) for i in range(700)]
+    for e in events:
+        first.emit(e)
+    await first.shutdown(timeout=0.3)  # ClickHouse down: gives up, everything stays spooled
+    assert inner.rows == [] and first.backlog == 700
+
+    second = batcher(tmp_path, inner)
+    await second.start()
+    assert second.events_recovered == 700
+    await second.shutdown()
+    assert_exactly_once(inner, [e.event_id for e in events])
+
+
+async def test_replayed_batch_is_deduplicated_after_an_unacknowledged_insert(tmp_path: Path) -> None:
+    """The insert reached ClickHouse but the process died before recording it: the replay
+    sends the very same batch (same boundaries, same token) and ClickHouse drops it."""
+    inner = PipelinedFakeWriter()
+    faulty = flaky(inner, "timeout", commit_then_fail=True)
+    faulty.failing.set()
+    first = batcher(tmp_path, faulty, max_batch_size=64)
+    await first.start()
+    events = [make_event(i) for i in range(200)]
+    for e in events:
+        first.emit(e)
+    await asyncio.to_thread(wait_until, lambda: len(inner.rows) > 0, 5)
+    await first.shutdown(timeout=0.2)
+    assert 0 < len(inner.rows) < 200
+    assert first.backlog > 0
+
+    second = batcher(tmp_path, inner, max_batch_size=64)
+    await second.start()
+    await second.shutdown()
+    assert_exactly_once(inner, [e.event_id for e in events])
+
+
+async def test_emit_does_not_block_while_clickhouse_hangs(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    class Hanging(FakeWriter):
+        def write(self, events, token):
+            release.wait(10)
+            super().write(events, token)
+
+    w = Hanging()
+    bp = batcher(tmp_path, w, max_batch_size=10)
+    await bp.start()
+    worst = 0.0
+    for i in range(2000):
+        t = time.perf_counter()
+        bp.emit(make_event(i))
+        worst = max(worst, time.perf_counter() - t)
+    assert worst < 0.05
+    release.set()
+    await bp.shutdown()
+    assert len(w.ids()) == 2000

@@ -1,0 +1,184 @@
+"""Against the real embedded engine (chDB): schema, raw vs rollup totals, dedup, faults."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from extproc.events import TokenSource
+from extproc.storage.migrations import load_migrations, migrate
+from extproc.storage.sink import batch_token
+from extproc.storage.store import Storage
+from tests.storage_helpers import chdb_storage, flaky, make_event, settings_for, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def rows(storage: Storage, sql: str, **params) -> list[tuple]:
+    return await storage.run(lambda c: c.query(sql, parameters=params or None).result_rows)
+
+
+async def test_migrations_rerun_cleanly_and_ttl_follows_config(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with chdb_storage(settings) as st:
+        assert st.migrations_applied == ["0001_usage_events", "0002_usage_hourly"]
+        assert await st.run(lambda c: migrate(c, settings)) == []
+        assert await rows(st, "SELECT DISTINCT version FROM schema_migrations ORDER BY version") == [
+            (1,), (2,)
+        ]
+        tables = await rows(st, "SELECT name, engine FROM system.tables WHERE database = 'extproc' ORDER BY name")
+        assert tables == [
+            ("schema_migrations", "ReplacingMergeTree"),
+            ("usage_events", "MergeTree"),
+            ("usage_hourly", "AggregatingMergeTree"),
+            ("usage_hourly_mv", "MaterializedView"),
+        ]
+        settings.storage.ttl_days = 90
+        settings.storage.rollup_ttl_days = 730
+        assert await st.run(lambda c: migrate(c, settings)) == [
+            "ttl usage_events 90d", "ttl usage_hourly 730d"
+        ]
+        assert await st.run(lambda c: migrate(c, settings)) == []  # unchanged: no ALTER
+        settings.storage.ttl_days = 0
+        assert await st.run(lambda c: migrate(c, settings)) == ["ttl usage_events removed"]
+
+
+def test_cluster_ddl_matches_the_single_node_ddl() -> None:
+    single, cluster = load_migrations(), load_migrations(cluster=True)
+    assert [m.version for m in single] == [m.version for m in cluster]
+    for s, c in zip(single, cluster, strict=True):
+        assert len(s.statements()) == len(c.statements())
+        for statement in c.statements():
+            assert "ON CLUSTER '{cluster}'" in statement
+            if "ENGINE" in statement:
+                assert "ENGINE = Replicated" in statement and "'{replica}'" in statement
+    # deploy/clickhouse shows the packaged SQL to users
+    assert (ROOT / "deploy" / "clickhouse").resolve() == (ROOT / "extproc" / "sql").resolve()
+    assert (ROOT / "deploy" / "clickhouse" / "queries" / "chargeback.sql").is_file()
+
+
+async def test_all_fields_round_trip_in_utc(tmp_path: Path) -> None:
+    e = make_event(
+        1, cached_tokens=7, reasoning_tokens=3, client_aborted=True, usage_injected=True,
+        token_source=TokenSource.TOKENIZER, tokenizer="o200k_base", error="upstream_error",
+        error_detail="boom", http_status=502, response_model="", finish_reason="length,stop",
+    )
+    async with chdb_storage(settings_for(tmp_path)) as st:
+        await asyncio.to_thread(st.writer().write, [e], batch_token([e.SerializeToString()]))
+        (row,) = await st.run(lambda c: list(c.query(
+            "SELECT *, team, feature, model FROM usage_events").named_results()))
+    start = datetime.fromtimestamp(e.start_time_unix_nano / 1e9, UTC)
+    assert row["start_time"].replace(tzinfo=UTC) == start  # chDB returns naive UTC
+    assert row["labels"] == dict(e.labels)
+    assert (row["team"], row["feature"], row["model"]) == ("team-1", "feature-1", "llama-3-8b")
+    for name in ("event_id", "request_id", "endpoint", "path", "method", "request_model",
+                 "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+                 "reasoning_tokens", "total_tokens", "tokenizer", "time_to_first_token_ns",
+                 "duration_ns", "client_aborted", "metered", "choices", "usage_injected", "error",
+                 "error_detail", "response_events", "http_status", "stream", "response_model"):
+        assert row[name] == getattr(e, name), name
+    assert row["token_source"] == "tokenizer"
+
+
+async def test_raw_table_and_rollup_have_equal_totals(tmp_path: Path) -> None:
+    # a spread over 3 months, so the batch spans partitions
+    events = [make_event(i, start_time_unix_nano=1_790_000_000_000_000_000 + i * 3_600_000_000_000 // 7)
+              for i in range(5000)]
+    async with chdb_storage(settings_for(tmp_path, batch={"max_batch_size": 1000})) as st:
+        sink = st.sink()
+        await sink.start()
+        for e in events:
+            sink.emit(e)
+        assert await sink.force_flush(20)
+        key = "team, feature, model, endpoint"
+        raw = await rows(st, f"""
+            SELECT {key}, count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens)
+            FROM usage_events GROUP BY {key} ORDER BY {key}""")
+        rollup = await rows(st, f"""
+            SELECT {key}, sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens)
+            FROM usage_hourly GROUP BY {key} ORDER BY {key}""")
+        assert raw == rollup and len(raw) == 6
+        assert sum(r[-1] for r in raw) == sum(e.total_tokens for e in events)
+        assert sum(r[4] for r in raw) == 5000
+        partitions = await rows(st, "SELECT uniqExact(_partition_id) FROM usage_events")
+        assert partitions[0][0] >= 2
+
+
+async def test_same_batch_twice_is_stored_once(tmp_path: Path) -> None:
+    events = [make_event(i) for i in range(300)]
+    token = batch_token([e.SerializeToString() for e in events])
+    async with chdb_storage(settings_for(tmp_path)) as st:
+        writer = st.writer()
+        for _ in range(3):  # the original and two retries
+            await asyncio.to_thread(writer.write, events, token)
+        assert await rows(st, "SELECT count(), uniqExact(event_id) FROM usage_events") == [(300, 300)]
+        assert await rows(st, "SELECT sum(requests) FROM usage_hourly") == [(300,)]
+        # a different token is a different insert: the dedup is the token, not luck
+        await asyncio.to_thread(writer.write, events, "another-token")
+        assert await rows(st, "SELECT count() FROM usage_events") == [(600,)]
+
+
+@pytest.mark.parametrize("fault", ["connection_refused", "http_500", "timeout"])
+async def test_clickhouse_faults_under_a_stream_deliver_exactly_once(tmp_path: Path, fault: str) -> None:
+    settings = settings_for(tmp_path, batch={"max_batch_size": 200, "max_queue_size": 500})
+    async with chdb_storage(settings) as st:
+        sink = st.sink()
+        # timeouts are the nasty case: the insert happened, the client did not hear back
+        faulty = flaky(sink._writer, fault, commit_then_fail=fault == "timeout")
+        sink._writer = faulty
+        await sink.start()
+        events = [make_event(i) for i in range(4000)]
+        for n, e in enumerate(events):
+            if n == 800:
+                faulty.failing.set()
+            if n == 3000:  # end the outage once it has really been hit
+                await asyncio.to_thread(wait_until, lambda: faulty.failures >= 2, 10)
+                faulty.failing.clear()
+            sink.emit(e)
+            if n % 200 == 0:
+                await asyncio.sleep(0.01)
+        await sink.shutdown(20)
+        assert faulty.failures > 0 and sink.events_spooled > 0 and sink.events_dropped == 0
+        assert await rows(st, "SELECT count(), uniqExact(event_id) FROM usage_events") == [(4000, 4000)]
+        assert await rows(st, "SELECT sum(requests), sum(total_tokens) FROM usage_hourly") == [
+            (4000, sum(e.total_tokens for e in events))
+        ]
+
+
+def test_dsn_parsing_and_redaction() -> None:
+    from extproc.storage.client import parse_dsn
+
+    assert parse_dsn("chdb://memory", "db").path is None
+    assert parse_dsn("chdb:///abs/dir", "db").path == "/abs/dir"
+    assert parse_dsn("chdb:///./rel/dir", "db").path == str(Path("rel/dir").resolve())
+    t = parse_dsn("https://alice:s3cr%40t@ch.example:8443/usage", "extproc")
+    assert (t.kind, t.database) == ("http", "usage")
+    assert "s3cr" not in t.redacted and "alice:***@ch.example:8443" in t.redacted
+    assert parse_dsn("http://ch:8123", "extproc").database == "extproc"
+
+
+async def test_server_down_at_start_spools_then_replays(tmp_path: Path, caplog) -> None:
+    from extproc.storage.store import open_storage
+
+    down = settings_for(tmp_path)
+    down.storage.dsn = "http://default:pw@127.0.0.1:1/extproc"  # refused at once
+    down.storage.connect_timeout_ms = 1000
+    storage = await open_storage(down)  # not fatal: a server may come back
+    assert "not reachable" in caplog.text and "pw@" not in caplog.text
+    sink = storage.sink()
+    await sink.start()
+    events = [make_event(i) for i in range(100)]
+    for e in events:
+        sink.emit(e)
+    assert not await sink.force_flush(0.5)
+    assert sink.insert_failures > 0 and sink.backlog == 100
+    await storage.close(timeout=0.2)  # gives up; the events stay in the spool
+    async with chdb_storage(settings_for(tmp_path)) as st:  # same spool dir, ClickHouse "back"
+        sink = st.sink()
+        await sink.start()
+        assert sink.events_recovered == 100
+        assert await sink.force_flush(10)
+        assert await rows(st, "SELECT count(), uniqExact(event_id) FROM usage_events") == [(100, 100)]

@@ -75,6 +75,9 @@ def build_admin_app(
         if report is None:
             raise web.HTTPNotFound(text="no storage configured\n")
         q = request.query
+        # Any other query parameter filters by that dimension (validated by the report).
+        reserved = {"report", "by", "since", "until", "limit", "fresh"}
+        filters = {k: v for k, v in q.items() if k not in reserved}
         by = [b.strip() for b in q.get("by", "team,feature,model").split(",") if b.strip()]
         limit = q.get("limit")
         if limit is not None and not limit.isdigit():
@@ -85,7 +88,7 @@ def build_admin_app(
             rows = await report(
                 q.get("report", "chargeback"), by,
                 since=_parse_time(q.get("since"), "since"), until=_parse_time(q.get("until"), "until"),
-                limit=int(limit) if limit else None,
+                limit=int(limit) if limit else None, filters=filters or None,
             )
         except (ValueError, KeyError) as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None

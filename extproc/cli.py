@@ -134,6 +134,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     for key in ("since", "until", "limit"):
         if getattr(args, key):
             params[key] = str(getattr(args, key))
+    filters = _filters(args.filter)
+    params.update(filters)
     admin_url = args.admin_url or f"http://{settings.admin.host}:{settings.admin.port}"
     rows = _report_via_admin(admin_url, params)
     if rows is None:
@@ -143,20 +145,38 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 async def _report_direct(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from datetime import datetime
-
     from extproc.storage import open_storage
 
     storage = await open_storage(settings)
     try:
         return await storage.report(
             args.report, [b.strip() for b in args.by.split(",") if b.strip()],
-            since=datetime.fromisoformat(args.since) if args.since else None,
-            until=datetime.fromisoformat(args.until) if args.until else None,
-            limit=args.limit,
+            since=_time(args.since, "--since"), until=_time(args.until, "--until"),
+            limit=args.limit, filters=_filters(args.filter) or None,
         )
     finally:
         await storage.close()
+
+
+def _time(value: str | None, flag: str):  # noqa: ANN202
+    from datetime import datetime
+
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be an ISO 8601 date or time, got {value!r}") from None
+
+
+def _filters(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--filter takes DIMENSION=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -251,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table")
     p.add_argument("--output", help="write to this file instead of stdout")
+    p.add_argument("--filter", action="append", metavar="DIM=VALUE",
+                   help="only rows where a dimension has this value, e.g. team=search; repeatable")
     p.add_argument("--admin-url", help="sidecar admin URL (default from settings)")
     p.set_defaults(func=cmd_report)
 
@@ -276,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"extproc: config error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad report arguments, bad times, ...
+        print(f"extproc {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

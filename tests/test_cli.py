@@ -74,6 +74,10 @@ def test_dev_report_live_and_after_stop(tmp_path):
     rows = list(csv.DictReader(io.StringIO(target.read_text())))
     assert {(r["team"], r["feature"]) for r in rows} == {("alpha", "cli"), ("beta", "cli")}
     assert sum(int(r["completion_tokens"]) for r in rows) == usage["completion"]
+    only = _cli("report", "--by", "team", "--filter", "team=beta", "--format", "json",
+                "--data-dir", str(data), "--admin-url", f"http://127.0.0.1:{free_port()}")
+    assert only.returncode == 0, only.stderr
+    assert [r["team"] for r in json.loads(only.stdout)] == ["beta"]
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -89,3 +93,11 @@ def test_config_errors_are_clear(tmp_path):
 def test_envoy_config_command_renders_valid_yaml():
     out = _cli("envoy-config", "--upstream", "http://vllm:8000", "--extproc", "unix:/run/extproc.sock")
     assert out.returncode == 0 and "ext_proc" in out.stdout and "/run/extproc.sock" in out.stdout
+
+
+def test_report_arguments_are_checked_with_a_clear_message(tmp_path):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    out = _cli("report", "--by", "team,nonsense", "--data-dir", str(tmp_path / "d"), "--admin-url", nowhere)
+    assert out.returncode == 2 and "nonsense" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("report", "--since", "yesterday", "--data-dir", str(tmp_path / "d"), "--admin-url", nowhere)
+    assert out.returncode == 2 and "--since" in out.stderr and "Traceback" not in out.stderr

@@ -90,12 +90,7 @@ class Sidecar:
                  s.grpc.listen, self.grpc_port, s.admin.host, self.admin_port)
 
     def _storage_stats(self) -> dict[str, Any]:
-        if self.storage is None:
-            return {}
-        sink = self.storage.sink()
-        names = ("queue_depth", "events_inserted", "events_spooled", "events_dropped",
-                 "spool_bytes", "insert_failures", "last_flush_seconds")
-        return {n: getattr(sink, n, None) for n in names}
+        return self.storage.stats() if self.storage is not None else {}
 
     async def force_flush(self, timeout: float = 30.0) -> bool:
         results = [await sink.force_flush(timeout) for sink in self.sinks]
@@ -113,6 +108,12 @@ class Sidecar:
                 log.exception("shutting down sink %r", sink)
         if self.storage is not None:
             await self.storage.close()
+        st = self.storage.stats() if self.storage is not None else {}
+        log.info(
+            "stopped: %d events emitted, %s inserted, %s left in the spool for the next start, %s dropped",
+            self.stats.events_emitted, st.get("events_inserted", "n/a"), st.get("backlog", "n/a"),
+            st.get("events_dropped", "n/a"),
+        )
 
     async def run_until_signal(self) -> None:
         await self.start()

@@ -321,3 +321,16 @@ def test_metrics_after_real_requests_equal_the_events(stack):
                 if sample.labels.get("team") == team and sample.labels.get("token_type") in got:
                     got[sample.labels["token_type"]] += sample.value
     assert got == {"input": want_in, "output": want_out}
+
+
+def test_raw_events_and_hourly_rollup_agree(stack):
+    sc = stack.sidecar
+    assert sc.call(sc.sidecar.force_flush())
+    cols = "count(), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(total_tokens)"
+    raw = sc.call(sc.sidecar.storage.run(lambda c: c.query(f"SELECT {cols} FROM usage_events").result_rows[0]))
+    rolled = sc.call(sc.sidecar.storage.run(lambda c: c.query(
+        "SELECT sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(total_tokens) "
+        "FROM usage_hourly").result_rows[0]))
+    assert raw[0] >= 20  # the requests of this module
+    assert tuple(raw) == tuple(rolled)
+    assert raw[0] == len(stack.rec.events)

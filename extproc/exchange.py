@@ -112,7 +112,9 @@ class Exchange:
             self.done = True
         if p is None:
             return wire.continue_response(wire.RESPONSE_BODY)
+        seen = p.live_output_tokens
         replacement = p.on_response_chunk(msg.body, msg.end_of_stream, time.monotonic_ns())
+        self._stats.live_output_tokens += p.live_output_tokens - seen
         if replacement is None:
             return wire.continue_response(wire.RESPONSE_BODY)
         return wire.replace_response_chunk(replacement)

@@ -23,5 +23,8 @@ class SidecarStats:
     unmetered_requests: int = 0
     # events handed to sinks
     events_emitted: int = 0
+    # Output deltas seen while responses stream (~1 token each in vLLM): a live, approximate
+    # tokens/s for dashboards; exact counts arrive with each finished event.
+    live_output_tokens: int = 0
     # label values rejected or rewritten by validation, by label name
     labels_rejected: Counter[str] = field(default_factory=Counter)

@@ -55,7 +55,8 @@ def _chat_request(**kw) -> bytes:
 
 
 def test_streaming_chat_injects_and_strips_usage():
-    ex = _exchange()
+    stats = SidecarStats()
+    ex = _exchange(stats)
     resps = _run(ex, [m.request_headers(x_team="search", x_feature="qa"),
                       m.body(_chat_request(stream=True), eos=True)])
     mutated = resps[1].request_body.response.body_mutation.body
@@ -71,6 +72,7 @@ def test_streaming_chat_injects_and_strips_usage():
         piece = [stream[:50], stream[50:], b""][i]
         forwarded += mut.body if mut.WhichOneof("mutation") == "body" else (b"" if mut.clear_body else piece)
     assert b'"usage":{' not in forwarded and b"[DONE]" in forwarded and b"lo" in forwarded
+    assert stats.live_output_tokens == 2  # one per output delta, as the stream went by
     assert ex.done
     ev = ex.finish()
     assert (ev.prompt_tokens, ev.completion_tokens, ev.total_tokens, ev.cached_tokens) == (11, 3, 14, 8)

@@ -20,23 +20,21 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from bench import loadgen
+from bench.procs import envoy_stats
+from bench.upstream import Upstream
 from extproc import wire
 from extproc.devstack import envoy_process, free_port
 from extproc.envoy_config import EnvoyOptions
 
 TRANSPORTS = ("grpcio", "h2")
 
-
-def envoy_stats(admin_port: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?format=json", timeout=5) as r:
-        return {s["name"]: s["value"] for s in json.loads(r.read())["stats"] if "value" in s}
 
 # --- the sidecar process ------------------------------------------------------------------------
 
@@ -136,57 +134,6 @@ def _sse_response(chunks: int) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + body
 
 
-class Upstream(asyncio.Protocol):
-    response = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            head = self.buf[:end].lower()
-            i = head.find(b"content-length:")
-            length = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
-            if len(self.buf) < end + 4 + length:
-                return
-            self.buf = self.buf[end + 4 + length:]
-            self.transport.write(self.response)
-
-
-class Client(asyncio.Protocol):
-    """One keep-alive connection; a response ends with the chunked terminator or content-length."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.waiter: asyncio.Future[bool] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: Any = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self.buf[:end].lower()
-        i = head.find(b"content-length:")
-        if i >= 0:
-            length = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None])
-            complete = len(self.buf) >= end + 4 + length
-        else:
-            complete = self.buf.endswith(b"\r\n0\r\n\r\n")
-        if complete and self.waiter is not None:
-            self.waiter.set_result(self.buf.startswith(b"HTTP/1.1 200"))
-            self.buf = b""
-
-    async def request(self, data: bytes) -> bool:
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(data)
-        return await self.waiter
-
-
 def _chat_request(port: int) -> bytes:
     body = orjson.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True},
                          "messages": [{"role": "user", "content": "hello there"}]})
@@ -195,26 +142,8 @@ def _chat_request(port: int) -> bytes:
 
 
 async def http_load(port: int, requests: int, concurrency: int, max_seconds: float) -> tuple[int, int, float]:
-    loop = asyncio.get_running_loop()
-    data = _chat_request(port)
-    left = requests
-    ok = failed = 0
-    deadline = time.monotonic() + max_seconds
-
-    async def worker() -> None:
-        nonlocal left, ok, failed
-        _, client = await loop.create_connection(Client, "127.0.0.1", port)
-        while left > 0 and time.monotonic() < deadline:
-            left -= 1
-            if await asyncio.wait_for(client.request(data), 30):
-                ok += 1
-            else:
-                failed += 1
-        client.transport.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return ok, failed, time.perf_counter() - t0
+    r = await loadgen.http_load(port, _chat_request(port), requests, concurrency, max_seconds)
+    return r.ok, r.failed, r.wall_s
 
 
 async def grpc_load(port: int, requests: int, concurrency: int, max_seconds: float) -> tuple[int, int, float]:

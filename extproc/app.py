@@ -48,6 +48,8 @@ class Sidecar:
         self.grpc_port = 0
         self.admin_port = 0
         self._admin: web.AppRunner | None = None
+        self.service: ExtProcService | None = None
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -72,6 +74,8 @@ class Sidecar:
             self.sinks,
             self.stats,
         )
+        self.service = service
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")
         if s.grpc.transport == "h2":
             from extproc.transport import start_h2_server
 
@@ -89,6 +93,11 @@ class Sidecar:
         log.info("ext_proc gRPC on %s (port %d), admin on http://%s:%d",
                  s.grpc.listen, self.grpc_port, s.admin.host, self.admin_port)
 
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.service.sweep_pending()
+
     def _storage_stats(self) -> dict[str, Any]:
         return self.storage.stats() if self.storage is not None else {}
 
@@ -99,6 +108,10 @@ class Sidecar:
     async def stop(self, grace: float = 10.0) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.service is not None:
+            self.service.sweep_pending(max_age_s=0)  # nothing waits for a stream that cannot come
         if self._admin is not None:
             await self._admin.cleanup()
         for sink in self.sinks:

@@ -9,9 +9,14 @@ The choices that matter, and why:
   hidden: Envoy counts it (ext_proc streams_failed / failure_mode_allowed stats) and so do we.
 - message_timeout: 1 s rather than the 200 ms default, so a GC pause or a burst on a shared
   core does not turn into a skipped chunk.
-- observe mode: Envoy sends response bodies without waiting for answers ("send and go").
+- observe mode: Envoy sends everything without waiting for answers ("send and go").
   The sidecar closes each stream at end of response, deferred_close_timeout is short and the
   circuit breakers are sized, or streams pile up (see README).
+- hybrid mode: two ext_proc filters on one sidecar. The first is synchronous for the request
+  (headers and body: attribution, usage injection, and later budgets can answer before the
+  upstream is called); the second observes the response in observability mode, off the
+  latency path. The gRPC metadata `x-extproc-role` tells the sidecar which stream is which, and
+  a header the first filter adds to the request pairs them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-MODES = ("sync", "observe")
+MODES = ("sync", "observe", "hybrid")
+ROLE_METADATA = "x-extproc-role"
 
 
 @dataclass
@@ -77,20 +83,23 @@ def _upstream_cluster(upstream: str) -> dict[str, Any]:
     return cluster
 
 
-def _ext_proc_filter(opts: EnvoyOptions) -> dict[str, Any]:
-    observe = opts.mode == "observe"
+def _ext_proc_config(opts: EnvoyOptions, *, observe: bool, request: bool, response: bool,
+                     role: str | None = None) -> dict[str, Any]:
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "30s"}
+    if role:
+        grpc_service["initial_metadata"] = [{"key": ROLE_METADATA, "value": role}]
     cfg: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "30s"},
+        "grpc_service": grpc_service,
         "failure_mode_allow": opts.failure_mode_allow,
         "allow_mode_override": True,
         "message_timeout": f"{opts.message_timeout_ms / 1000:g}s",
         "processing_mode": {
             "request_header_mode": "SEND",
-            "response_header_mode": "SEND",
+            "response_header_mode": "SEND" if response else "SKIP",
             # Observability mode supports STREAMED only; it cannot rewrite the request anyway.
-            "request_body_mode": "STREAMED" if observe else "BUFFERED",
-            "response_body_mode": "STREAMED",
+            "request_body_mode": ("STREAMED" if observe else "BUFFERED") if request else "NONE",
+            "response_body_mode": "STREAMED" if response else "NONE",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
@@ -98,13 +107,26 @@ def _ext_proc_filter(opts: EnvoyOptions) -> dict[str, Any]:
     if observe:
         cfg["observability_mode"] = True
         cfg["deferred_close_timeout"] = "1s"
-    return {"name": "envoy.filters.http.ext_proc", "typed_config": cfg}
+    return cfg
+
+
+def _ext_proc_filters(opts: EnvoyOptions) -> list[dict[str, Any]]:
+    if opts.mode == "hybrid":
+        return [
+            {"name": "envoy.filters.http.ext_proc",
+             "typed_config": _ext_proc_config(opts, observe=False, request=True, response=False, role="request")},
+            {"name": "extproc.response",
+             "typed_config": _ext_proc_config(opts, observe=True, request=False, response=True, role="response")},
+        ]
+    observe = opts.mode == "observe"
+    return [{"name": "envoy.filters.http.ext_proc",
+             "typed_config": _ext_proc_config(opts, observe=observe, request=True, response=True)}]
 
 
 def render(opts: EnvoyOptions) -> dict[str, Any]:
     if opts.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    filters = [_ext_proc_filter(opts)] if opts.with_extproc else []
+    filters = _ext_proc_filters(opts) if opts.with_extproc else []
     filters.append({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},

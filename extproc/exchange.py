@@ -17,11 +17,14 @@ from extproc.stats import SidecarStats
 
 log = logging.getLogger(__name__)
 
+# Added to the request by the hybrid mode's request filter; the response filter's stream reads it.
+CORRELATION_HEADER = "x-extproc-correlation"
+
 
 class Exchange:
     __slots__ = (
-        "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "done",
-        "_finished", "_request_body", "observe",
+        "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
+        "_finished", "_request_body", "observe", "role", "correlation_id",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
@@ -31,13 +34,18 @@ class Exchange:
         self.event = UsageEvent(start_time_unix_nano=time.time_ns())
         self.start_mono = time.monotonic_ns()
         self.processor: EndpointProcessor | None = None
-        # True once nothing more is expected from Envoy: the stream can be closed.
-        self.done = False
+        # Nothing more to come for the request / the response: a stream can be closed.
+        self.request_done = False
+        self.response_done = False
         self._finished = False
         # Request body pieces (STREAMED request bodies, as in observability mode).
         self._request_body: list[bytes] = []
         # Observability mode: Envoy ignores our answers, so nothing can be rewritten.
         self.observe = False
+        # Hybrid mode: "request" streams see only the request and hand the exchange over to the
+        # "response" stream of the same HTTP request, found by correlation_id.
+        self.role = ""
+        self.correlation_id = ""
 
     def handle(self, kind: str, msg) -> wire.ProcessingResponse:  # noqa: ANN001 - a oneof member
         if kind == wire.REQUEST_HEADERS:
@@ -49,7 +57,7 @@ class Exchange:
         if kind == wire.RESPONSE_BODY:
             return self._on_response_body(msg)
         if kind == wire.RESPONSE_TRAILERS:
-            self.done = True
+            self.response_done = True
         return wire.continue_response(kind)
 
     def _on_request_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
@@ -60,14 +68,28 @@ class Exchange:
         ev.request_id = headers.get("x-request-id", "")
         ev.labels.update(self._attribution.labels(headers))
         self.processor = processor_for(ev.method, ev.path, self._ctx)
+        request_only = self.role == "request"
         if self.processor is None:
-            self._stats.unmetered_requests += 1
             ev.endpoint = "unknown"
+            self.request_done = True
+            if request_only:  # the response stream meters (and counts) this request
+                return wire.skip_bodies_response(response_headers=False)
+            self._stats.unmetered_requests += 1
             return wire.skip_bodies_response()
         if msg.end_of_stream:
             self.processor.error = "empty_request_body"
             self.processor.error_detail = "request has no body"
+            self.request_done = True
+        if request_only:
+            self.correlation_id = uuid.uuid4().hex
+            return wire.add_request_header_response(CORRELATION_HEADER, self.correlation_id)
         return wire.continue_response(wire.REQUEST_HEADERS)
+
+    def adopt_response_side(self) -> None:
+        """This exchange's request was handled by a "request" stream; a "response" stream in
+        observability mode now carries it to the end."""
+        if self.processor is not None:
+            self.processor.strip_usage_chunk = False
 
     def _on_request_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
         p = self.processor
@@ -78,6 +100,7 @@ class Exchange:
             return wire.continue_response(wire.REQUEST_BODY)
         body = b"".join((*self._request_body, msg.body)) if self._request_body else msg.body
         self._request_body = []
+        self.request_done = True
         if self.observe:
             p.ctx = p.ctx.without_rewrites()
         try:
@@ -99,7 +122,7 @@ class Exchange:
             if p is not None:
                 p.on_response_headers(self.event.http_status, headers.get("content-type", ""))
                 p.response_complete = True
-            self.done = True
+            self.response_done = True
             return wire.continue_response(wire.RESPONSE_HEADERS)
         p.on_response_headers(self.event.http_status, headers.get("content-type", ""))
         if p.rewrites_response and "content-length" in headers:
@@ -109,7 +132,7 @@ class Exchange:
     def _on_response_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
         p = self.processor
         if msg.end_of_stream:
-            self.done = True
+            self.response_done = True
         if p is None:
             return wire.continue_response(wire.RESPONSE_BODY)
         seen = p.live_output_tokens
@@ -142,9 +165,9 @@ class Exchange:
         if p is None:
             ev.metered = False
             ev.token_source = TokenSource.NONE
-            ev.client_aborted = not self.done
+            ev.client_aborted = not self.response_done
             return ev
-        ev.client_aborted = not (self.done and p.response_complete)
+        ev.client_aborted = not (self.response_done and p.response_complete)
         if p.first_output_ns:
             ev.time_to_first_token_ns = p.first_output_ns - self.start_mono
         try:

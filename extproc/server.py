@@ -7,15 +7,16 @@ CONTINUE: metering must never break the user's request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from extproc import wire
+from extproc.envoy_config import ROLE_METADATA
 from extproc.events import EventSink, UsageEvent
-from extproc.exchange import Exchange
+from extproc.exchange import CORRELATION_HEADER, Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
 from extproc.stats import SidecarStats
@@ -35,13 +36,18 @@ class ExtProcService:
         self._ctx = ctx
         self._sinks = list(sinks)
         self.stats = stats
+        # Hybrid mode: exchanges whose request stream is done, waiting for their response
+        # stream, by correlation id, with the monotonic time they were registered.
+        self.pending: dict[str, tuple[float, Exchange]] = {}
 
     async def process(
         self, requests: AsyncIterator[wire.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wire.ProcessingResponse]:
         stats = self.stats
         stats.streams_opened += 1
+        role = _role(context)
         exchange = Exchange(self._attribution, self._ctx, stats)
+        exchange.role = role
         try:
             async for req in requests:
                 kind = req.WhichOneof("request")
@@ -49,27 +55,68 @@ class ExtProcService:
                     stats.errors["empty_message"] += 1
                     continue
                 stats.messages[kind] += 1
-                if req.observability_mode:
-                    exchange.observe = True
+                msg = getattr(req, kind)
+                if role == "response" and kind == wire.REQUEST_HEADERS:
+                    adopted = self._adopt(msg)
+                    if adopted is not None:
+                        # The request stream already read these headers; only answer
+                        # (observability mode ignores answers, but a misconfigured sync
+                        # response filter must not hang).
+                        exchange = adopted
+                        if not req.observability_mode:
+                            yield wire.continue_response(kind)
+                        continue
+                exchange.observe = req.observability_mode
                 try:
-                    resp = exchange.handle(kind, getattr(req, kind))
+                    resp = exchange.handle(kind, msg)
                 except Exception as exc:
                     stats.errors[kind] += 1
                     log.exception("handling %s for request %s", kind, exchange.event.request_id)
                     exchange.flag_internal_error(kind, exc)
                     resp = wire.continue_response(kind)
+                if role == "request" and kind == wire.REQUEST_HEADERS and exchange.correlation_id:
+                    # Before answering: the response stream starts once Envoy has our answer.
+                    self.pending[exchange.correlation_id] = (time.monotonic(), exchange)
                 if not req.observability_mode:
                     yield resp
-                if exchange.done:
+                if exchange.request_done if role == "request" else exchange.response_done:
                     # Close our side now: in observability mode Envoy would otherwise hold the
                     # stream open until deferred_close_timeout.
                     break
-        except asyncio.CancelledError:
-            stats.streams_cancelled += 1
-            raise
         finally:
             stats.streams_closed += 1
+            # Cancelled by Envoy (client gone, reset) or half-closed early: either way, unfinished.
+            if not (exchange.request_done if role == "request" else exchange.response_done):
+                stats.streams_cancelled += 1
+            # A request stream's exchange is finished by its response stream, or by the sweep;
+            # unmetered paths are counted by the response stream alone.
+            if role != "request":
+                self._emit(exchange.finish())
+
+    def _adopt(self, msg) -> Exchange | None:  # noqa: ANN001
+        """The exchange of this response stream's request stream; None when there is none
+        (an unmetered path, or the request filter failed open): then this stream meters alone."""
+        cid = wire.header_value(msg.headers, CORRELATION_HEADER)
+        entry = self.pending.pop(cid, None) if cid else None
+        if entry is None:
+            return None
+        exchange = entry[1]
+        exchange.adopt_response_side()
+        return exchange
+
+    def sweep_pending(self, max_age_s: float = 60.0) -> int:
+        """Finish exchanges whose response stream never came (its filter failed open, or Envoy
+        reset it before the response): the request is still accounted for, flagged."""
+        now = time.monotonic()
+        expired = [cid for cid, (t, _) in self.pending.items() if now - t > max_age_s]
+        for cid in expired:
+            _, exchange = self.pending.pop(cid)
+            p = exchange.processor
+            if p is not None and not p.error:
+                p.error, p.error_detail = "response_not_observed", "no response stream arrived for this request"
+            self.stats.errors["response_not_observed"] += 1
             self._emit(exchange.finish())
+        return len(expired)
 
     def _emit(self, event: UsageEvent | None) -> None:
         if event is None:
@@ -81,6 +128,18 @@ class ExtProcService:
             except Exception:  # a sink bug must not lose the other sinks' copy
                 self.stats.errors["sink_emit"] += 1
                 log.exception("sink %r failed to take event %s", sink, event.event_id)
+
+
+def _role(context: grpc.aio.ServicerContext) -> str:
+    """Hybrid mode tags each filter's streams with gRPC metadata; plain modes send none."""
+    try:
+        metadata = context.invocation_metadata() or ()
+    except Exception:  # a context without metadata support
+        return ""
+    for key, value in metadata:
+        if key == ROLE_METADATA:
+            return value if value in ("request", "response") else ""
+    return ""
 
 
 async def start_grpc_server(service: ExtProcService, listen: str) -> tuple[grpc.aio.Server, int]:

@@ -38,6 +38,13 @@ def decode_headers(header_map: pb.HeaderMap) -> dict[str, str]:
     return out
 
 
+def header_value(header_map: pb.HeaderMap, key: str) -> str:
+    for h in header_map.headers:
+        if h.key == key:
+            return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return ""
+
+
 # Responses are immutable singletons where nothing varies: one allocation per process.
 _CONTINUE = {
     REQUEST_HEADERS: ProcessingResponse(request_headers=pb.HeadersResponse()),
@@ -53,16 +60,25 @@ def continue_response(kind: str) -> ProcessingResponse:
     return _CONTINUE[kind]
 
 
-def skip_bodies_response() -> ProcessingResponse:
+def skip_bodies_response(response_headers: bool = True) -> ProcessingResponse:
     """Answer request headers and tell Envoy to send no bodies for this request (needs
-    allow_mode_override); response headers still come, for the status."""
+    allow_mode_override); response headers still come, for the status, unless this filter
+    does not see responses at all."""
+    mode = ProcessingMode(request_body_mode=ProcessingMode.NONE, response_body_mode=ProcessingMode.NONE)
+    mode.response_header_mode = ProcessingMode.SEND if response_headers else ProcessingMode.SKIP
+    return ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=mode)
+
+
+def add_request_header_response(key: str, value: str) -> ProcessingResponse:
+    """Answer request headers by adding one header (seen by later filters and the upstream)."""
+    option = pb.HeaderValueOption(
+        header=pb.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
     return ProcessingResponse(
-        request_headers=pb.HeadersResponse(),
-        mode_override=ProcessingMode(
-            request_body_mode=ProcessingMode.NONE,
-            response_header_mode=ProcessingMode.SEND,
-            response_body_mode=ProcessingMode.NONE,
-        ),
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[option]))
+        )
     )
 
 

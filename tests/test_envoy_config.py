@@ -27,6 +27,7 @@ RENDERED = {
     "observe-unix": EnvoyOptions(mode="observe", extproc_address="unix:/tmp/extproc.sock"),
     "https-upstream": EnvoyOptions(upstream="https://vllm.example.internal"),
     "no-extproc": EnvoyOptions(with_extproc=False),
+    "hybrid": EnvoyOptions(mode="hybrid"),
 }
 
 
@@ -89,3 +90,15 @@ def test_shipped_configs_match_the_renderer():
 def test_bad_upstream_is_refused():
     with pytest.raises(ValueError, match="http"):
         render_yaml(EnvoyOptions(upstream="vllm:8000"))
+
+
+def test_hybrid_has_a_sync_request_filter_and_an_observing_response_filter():
+    _, filters = _ext_proc(render_yaml(EnvoyOptions(mode="hybrid")))
+    req, resp = filters[0], filters[1]
+    assert not req.observability_mode and resp.observability_mode
+    assert req.processing_mode.request_body_mode.name == "BUFFERED"
+    assert req.processing_mode.response_header_mode.name == "SKIP"
+    assert resp.processing_mode.request_body_mode.name == "NONE"
+    assert resp.processing_mode.response_body_mode.name == "STREAMED"
+    roles = [f.grpc_service.initial_metadata[0].value for f in (req, resp)]
+    assert roles == ["request", "response"]

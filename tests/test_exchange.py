@@ -73,7 +73,7 @@ def test_streaming_chat_injects_and_strips_usage():
         forwarded += mut.body if mut.WhichOneof("mutation") == "body" else (b"" if mut.clear_body else piece)
     assert b'"usage":{' not in forwarded and b"[DONE]" in forwarded and b"lo" in forwarded
     assert stats.live_output_tokens == 2  # one per output delta, as the stream went by
-    assert ex.done
+    assert ex.response_done
     ev = ex.finish()
     assert (ev.prompt_tokens, ev.completion_tokens, ev.total_tokens, ev.cached_tokens) == (11, 3, 14, 8)
     assert ev.token_source == TokenSource.UPSTREAM_USAGE
@@ -180,7 +180,7 @@ def test_unknown_path_passes_through_unmetered_but_counted():
     ex = _exchange(stats)
     resps = _run(ex, [m.request_headers("/v1/models", method="GET"), m.response_headers(200, "application/json")])
     assert resps[0].mode_override.response_body_mode == wire.ProcessingMode.NONE
-    assert ex.done
+    assert ex.response_done
     ev = ex.finish()
     assert not ev.metered and ev.endpoint == "unknown" and ev.http_status == 200 and not ev.client_aborted
     assert stats.unmetered_requests == 1

@@ -218,7 +218,7 @@ def _stack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-port", type=int, default=8081)
     p.add_argument("--sim-port", type=int, default=8000)
     p.add_argument("--data-dir", default="./.extproc/data")
-    p.add_argument("--mode", choices=("sync", "observe"), default="sync")
+    p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
     p.add_argument("--tokens-per-second", type=float, default=200.0, help="simulator speed")
 
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=10000)
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--extproc", default="127.0.0.1:50051", help="sidecar address host:port or unix:/path")
-    p.add_argument("--mode", choices=("sync", "observe"), default="sync")
+    p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
     p.set_defaults(func=cmd_envoy_config)
     return parser
 

@@ -46,7 +46,7 @@ def _ext_proc(text: str):
 
 
 def test_shipped_configs_exist():
-    assert {p.name for p in SHIPPED} >= {"envoy.yaml", "envoy-observe.yaml"}
+    assert {p.name for p in SHIPPED} >= {"envoy.yaml", "envoy-observe.yaml", "envoy-hybrid.yaml"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -61,7 +61,7 @@ def test_rendered_config_validates(name, tmp_path):
     _validate(path)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "hybrid" not in p.name], ids=lambda p: p.name)
 def test_typed_ext_proc_settings(path):
     boot, filters = _ext_proc(path.read_text())
     ext = filters[0]
@@ -81,7 +81,8 @@ def test_typed_ext_proc_settings(path):
 def test_shipped_configs_match_the_renderer():
     """envoy/*.yaml are generated; a hand edit would drift from what `extproc dev` runs."""
     up = "http://vllm.inference.svc:8000"
-    for path, mode in ((ROOT / "envoy/envoy.yaml", "sync"), (ROOT / "envoy/envoy-observe.yaml", "observe")):
+    for path, mode in ((ROOT / "envoy/envoy.yaml", "sync"), (ROOT / "envoy/envoy-observe.yaml", "observe"),
+                       (ROOT / "envoy/envoy-hybrid.yaml", "hybrid")):
         body = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#"))
         want = render_yaml(EnvoyOptions(upstream=up, listen_host="0.0.0.0", mode=mode))
         assert yaml.safe_load(body) == yaml.safe_load(want), path.name

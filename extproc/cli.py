@@ -34,6 +34,8 @@ def _dsn_for(data_dir: str) -> str:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
+    if getattr(args, "transport", None):
+        overrides.setdefault("grpc", {})["transport"] = args.transport
     if getattr(args, "listen", None):
         overrides.setdefault("grpc", {})["listen"] = args.listen
     if getattr(args, "admin_port", None) is not None:
@@ -79,8 +81,9 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
 
     ports = StackPorts(args.port, args.envoy_admin_port, args.grpc_port, args.admin_port, args.sim_port)
     sim_args = ["--tokens-per-second", str(args.tokens_per_second)]
+    serve_args = ["--transport", args.transport] if args.transport else []
     return DevStack(ports=ports, data_dir=args.data_dir, upstream=args.upstream, mode=args.mode,
-                    config=args.config, sim_args=sim_args)
+                    config=args.config, sim_args=sim_args, serve_args=serve_args)
 
 
 def _wait_for_signal() -> None:
@@ -220,6 +223,7 @@ def _stack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="./.extproc/data")
     p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
     p.add_argument("--tokens-per-second", type=float, default=200.0, help="simulator speed")
+    p.add_argument("--transport", choices=("grpcio", "h2"), help="sidecar gRPC server (grpc.transport)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _storage_flags(p)
     p.add_argument("--listen", help="gRPC listen address host:port or unix:/path (default 127.0.0.1:50051)")
+    p.add_argument("--transport", choices=("grpcio", "h2"), help="gRPC server implementation (grpc.transport)")
     p.add_argument("--admin-host")
     p.add_argument("--admin-port", type=int)
     p.add_argument("--tokenizer", action="append", metavar="MODEL=PATH",

@@ -1,4 +1,5 @@
-"""Per-request state: one Exchange per ext_proc stream (Envoy opens one stream per HTTP request).
+"""Per-request state: one Exchange per HTTP request. Envoy opens one ext_proc stream per request
+and filter, so that is one stream, or two in hybrid mode (the server pairs them).
 
 It turns ext_proc messages into answers and, at the end, into exactly one UsageEvent.
 """

@@ -20,17 +20,19 @@ log = logging.getLogger(__name__)
 
 # Added to the request by the hybrid mode's request filter; the response filter's stream reads it.
 CORRELATION_HEADER = "x-extproc-correlation"
+RESPONSE_HEADERS = frozenset((":status", "content-type", "content-length"))
 
 
 class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
-        "_finished", "_request_body", "observe", "role", "correlation_id",
+        "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
         self._attribution = attribution
         self._ctx = ctx
+        self._request_headers = attribution.wanted
         self._stats = stats
         self.event = UsageEvent(start_time_unix_nano=time.time_ns())
         self.start_mono = time.monotonic_ns()
@@ -62,7 +64,7 @@ class Exchange:
         return wire.continue_response(kind)
 
     def _on_request_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
-        headers = wire.decode_headers(msg.headers)
+        headers = wire.decode_headers(msg.headers, self._request_headers)
         ev = self.event
         ev.method = headers.get(":method", "")
         ev.path = headers.get(":path", "")
@@ -115,7 +117,7 @@ class Exchange:
         return wire.replace_request_body(replacement)
 
     def _on_response_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
-        headers = wire.decode_headers(msg.headers)
+        headers = wire.decode_headers(msg.headers, RESPONSE_HEADERS)
         status = headers.get(":status", "0")
         self.event.http_status = int(status) if status.isdigit() else 0
         p = self.processor

@@ -28,13 +28,17 @@ REQUEST_TRAILERS = "request_trailers"
 RESPONSE_TRAILERS = "response_trailers"
 
 
-def decode_headers(header_map: pb.HeaderMap) -> dict[str, str]:
-    """Envoy sends either `value` or `raw_value` (runtime guard send_header_raw_value)."""
+def decode_headers(header_map: pb.HeaderMap, wanted: frozenset[str] | None = None) -> dict[str, str]:
+    """Envoy sends either `value` or `raw_value` (runtime guard send_header_raw_value).
+
+    Only the `wanted` keys are decoded (clients send a dozen headers we never read); repeated
+    headers keep their first value, as our labels are single-valued."""
     out: dict[str, str] = {}
     for h in header_map.headers:
-        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-        # Repeated headers: keep the first, as our labels are single-valued.
-        out.setdefault(h.key, value)
+        key = h.key
+        if (wanted is None or key in wanted) and key not in out:
+            raw = h.raw_value
+            out[key] = raw.decode("utf-8", "replace") if raw else h.value
     return out
 
 

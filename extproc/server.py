@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
@@ -40,58 +40,27 @@ class ExtProcService:
         # stream, by correlation id, with the monotonic time they were registered.
         self.pending: dict[str, tuple[float, Exchange]] = {}
 
+    def open_stream(self, metadata: Iterable[tuple[str, str]] = ()) -> StreamSession:
+        """A session for one ext_proc stream. Transports that can call it inline (the h2
+        transport) skip the async-generator hop per message."""
+        return StreamSession(self, _role(metadata))
+
     async def process(
         self, requests: AsyncIterator[wire.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wire.ProcessingResponse]:
-        stats = self.stats
-        stats.streams_opened += 1
-        role = _role(context)
-        exchange = Exchange(self._attribution, self._ctx, stats)
-        exchange.role = role
+        """The grpc.aio handler: the same session, driven by an async iterator."""
+        session = self.open_stream(_metadata(context))
         try:
             async for req in requests:
-                kind = req.WhichOneof("request")
-                if kind is None:
-                    stats.errors["empty_message"] += 1
-                    continue
-                stats.messages[kind] += 1
-                msg = getattr(req, kind)
-                if role == "response" and kind == wire.REQUEST_HEADERS:
-                    adopted = self._adopt(msg)
-                    if adopted is not None:
-                        # The request stream already read these headers; only answer
-                        # (observability mode ignores answers, but a misconfigured sync
-                        # response filter must not hang).
-                        exchange = adopted
-                        if not req.observability_mode:
-                            yield wire.continue_response(kind)
-                        continue
-                exchange.observe = req.observability_mode
-                try:
-                    resp = exchange.handle(kind, msg)
-                except Exception as exc:
-                    stats.errors[kind] += 1
-                    log.exception("handling %s for request %s", kind, exchange.event.request_id)
-                    exchange.flag_internal_error(kind, exc)
-                    resp = wire.continue_response(kind)
-                if role == "request" and kind == wire.REQUEST_HEADERS and exchange.correlation_id:
-                    # Before answering: the response stream starts once Envoy has our answer.
-                    self.pending[exchange.correlation_id] = (time.monotonic(), exchange)
-                if not req.observability_mode:
+                resp = session.on_message(req)
+                if resp is not None:
                     yield resp
-                if exchange.request_done if role == "request" else exchange.response_done:
+                if session.finished:
                     # Close our side now: in observability mode Envoy would otherwise hold the
                     # stream open until deferred_close_timeout.
                     break
         finally:
-            stats.streams_closed += 1
-            # Cancelled by Envoy (client gone, reset) or half-closed early: either way, unfinished.
-            if not (exchange.request_done if role == "request" else exchange.response_done):
-                stats.streams_cancelled += 1
-            # A request stream's exchange is finished by its response stream, or by the sweep;
-            # unmetered paths are counted by the response stream alone.
-            if role != "request":
-                self._emit(exchange.finish())
+            session.close()
 
     def _adopt(self, msg) -> Exchange | None:  # noqa: ANN001
         """The exchange of this response stream's request stream; None when there is none
@@ -130,12 +99,80 @@ class ExtProcService:
                 log.exception("sink %r failed to take event %s", sink, event.event_id)
 
 
-def _role(context: grpc.aio.ServicerContext) -> str:
-    """Hybrid mode tags each filter's streams with gRPC metadata; plain modes send none."""
+class StreamSession:
+    """One ext_proc stream: each message in, its answer out (None when none is due), and at
+    close the event, exactly once, whatever ended the stream."""
+
+    __slots__ = ("_service", "role", "exchange", "_closed")
+
+    def __init__(self, service: ExtProcService, role: str) -> None:
+        self._service = service
+        self.role = role
+        self.exchange = Exchange(service._attribution, service._ctx, service.stats)
+        self.exchange.role = role
+        self._closed = False
+        service.stats.streams_opened += 1
+
+    @property
+    def finished(self) -> bool:
+        ex = self.exchange
+        return ex.request_done if self.role == "request" else ex.response_done
+
+    def on_message(self, req: wire.ProcessingRequest) -> wire.ProcessingResponse | None:
+        service = self._service
+        stats = service.stats
+        kind = req.WhichOneof("request")
+        if kind is None:
+            stats.errors["empty_message"] += 1
+            return None
+        stats.messages[kind] += 1
+        msg = getattr(req, kind)
+        observe = req.observability_mode
+        if self.role == "response" and kind == wire.REQUEST_HEADERS:
+            adopted = service._adopt(msg)
+            if adopted is not None:
+                # The request stream already read these headers; only answer (observability
+                # mode ignores answers, but a misconfigured sync response filter must not hang).
+                self.exchange = adopted
+                return None if observe else wire.continue_response(kind)
+        exchange = self.exchange
+        exchange.observe = observe
+        try:
+            resp = exchange.handle(kind, msg)
+        except Exception as exc:
+            stats.errors[kind] += 1
+            log.exception("handling %s for request %s", kind, exchange.event.request_id)
+            exchange.flag_internal_error(kind, exc)
+            resp = wire.continue_response(kind)
+        if self.role == "request" and kind == wire.REQUEST_HEADERS and exchange.correlation_id:
+            # Before answering: the response stream starts once Envoy has our answer.
+            service.pending[exchange.correlation_id] = (time.monotonic(), exchange)
+        return None if observe else resp
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stats = self._service.stats
+        stats.streams_closed += 1
+        # Cancelled by Envoy (client gone, reset) or half-closed early: either way, unfinished.
+        if not self.finished:
+            stats.streams_cancelled += 1
+        # A request stream's exchange is finished by its response stream, or by the sweep;
+        # unmetered paths are counted by the response stream alone.
+        if self.role != "request":
+            self._service._emit(self.exchange.finish())
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, str]]:
     try:
-        metadata = context.invocation_metadata() or ()
+        return context.invocation_metadata() or ()
     except Exception:  # a context without metadata support
-        return ""
+        return ()
+
+
+def _role(metadata: Iterable[tuple[str, str]]) -> str:
+    """Hybrid mode tags each filter's streams with gRPC metadata; plain modes send none."""
     for key, value in metadata:
         if key == ROLE_METADATA:
             return value if value in ("request", "response") else ""

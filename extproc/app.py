@@ -79,7 +79,8 @@ class Sidecar:
         if s.grpc.transport == "h2":
             from extproc.transport import start_h2_server
 
-            self.grpc_server, self.grpc_port = await start_h2_server(service.process, s.grpc.listen)
+            self.grpc_server, self.grpc_port = await start_h2_server(
+                service.process, s.grpc.listen, sessions=service.open_stream)
         else:
             self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen)
         app = build_admin_app(

@@ -243,6 +243,12 @@ class _Connection(asyncio.Protocol):
         if s.closed:
             return
         s.closed = True
+        session, s.session = s.session, None
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                log.exception("closing ext_proc session on stream %d", s.id)
         del self.streams[s.id]
         self.blocked.pop(s.id, None)
         s.pending = None
@@ -367,7 +373,9 @@ class _Connection(asyncio.Protocol):
             self.receiving = False
             # Scheduled after the handler wake-ups above, so it runs right after their steps in
             # the next iteration: their answers join this write, one loop iteration sooner.
-            if (self.out or self.woke) and not self.flush_scheduled and not self.closed:
+            if self.out and not self.woke and not self.closed:
+                self._flush()  # inline answers (and control frames) need no extra loop turn
+            elif (self.out or self.woke) and not self.flush_scheduled and not self.closed:
                 self.flush_scheduled = True
                 self.loop.call_soon(self._flush)
             self.woke = False
@@ -439,9 +447,14 @@ class _Connection(asyncio.Protocol):
             except Exception as exc:
                 self.fail_stream(s, g.INTERNAL, f"cannot parse request message: {exc}")
                 return
-            s.queue.append((msg, end - pos))
-            s.queued += end - pos
+            size = end - pos
             pos = end
+            if s.session is not None:
+                if not self._deliver_inline(s, msg):
+                    return
+                continue
+            s.queue.append((msg, size))
+            s.queued += size
             delivered = True
         if pos == n:
             s.buf = None
@@ -452,10 +465,30 @@ class _Connection(asyncio.Protocol):
         if delivered:
             s.wake()
 
+    def _deliver_inline(self, s: Stream, msg: Any) -> bool:
+        """Inline mode: answer in the same data_received, no task hop. False: stream is over."""
+        try:
+            resp = s.session.on_message(msg)
+        except Exception as exc:
+            log.exception("ext_proc session failed on stream %d", s.id)
+            self.finish(s, g.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            return False
+        if s.closed:
+            return False
+        if resp is not None:
+            self.send_message(s, self.server.serialize(resp))
+        if s.session.finished:
+            self.finish(s, g.OK)
+            return False
+        return True
+
     def _remote_end(self, s: Stream) -> None:
         s.remote_closed = True
         if s.buf:
             self.fail_stream(s, g.INTERNAL, "stream ended inside a message")
+            return
+        if s.session is not None:
+            self.finish(s, g.OK)  # the client is done sending; the session closes with it
             return
         s.wake()
 
@@ -550,6 +583,10 @@ class _Connection(asyncio.Protocol):
             seconds = g.parse_timeout(timeout)
             if seconds is not None:
                 s.deadline = self.loop.call_later(seconds, self._deadline_exceeded, s)
+        sessions = self.server.sessions
+        if sessions is not None:
+            s.session = sessions(StreamContext(s).invocation_metadata())
+            return
         s.task = task = self.loop.create_task(self._serve(s))
         tasks = self.server.tasks
         tasks.add(task)
@@ -728,8 +765,12 @@ class H2GrpcServer:
     def __init__(self, handler: Handler, *, method_path: str = wire.METHOD_PATH,
                  deserialize: Callable[[bytes], Any] = wire.ProcessingRequest.FromString,
                  serialize: Callable[[Any], bytes] = wire.ProcessingResponse.SerializeToString,
-                 max_concurrent_streams: int = MAX_CONCURRENT_STREAMS) -> None:
+                 max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+                 sessions: Callable[[tuple[tuple[str, str], ...]], Any] | None = None) -> None:
         self.handler = handler
+        # Inline mode: sessions(metadata) -> object with on_message(msg) -> answer | None,
+        # `finished` and close(); called from data_received, no task per stream.
+        self.sessions = sessions
         self.method_path = method_path.encode()
         self.deserialize = deserialize
         self.serialize = serialize
@@ -763,6 +804,9 @@ class H2GrpcServer:
         # loop: streams accepted while the first GOAWAY is in flight count too
         while (running := {t for t in self.tasks if not t.done()}) and (left := deadline - self.loop.time()) > 0:
             await asyncio.wait(running, timeout=left)
+        # inline sessions have no task to wait on: poll until they end or the grace runs out
+        while self._inline_open() and deadline - self.loop.time() > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         for c in list(self.connections):
             c.final_goaway()
             for s in list(c.streams.values()):
@@ -777,15 +821,21 @@ class H2GrpcServer:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def _inline_open(self) -> bool:
+        return any(st.session is not None for c in self.connections for st in c.streams.values())
+
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.serve_forever()
 
 
-async def start_h2_server(handler: Handler, listen: str) -> tuple[H2GrpcServer, int]:
+async def start_h2_server(handler: Handler, listen: str, *,
+                          sessions: Callable[[tuple[tuple[str, str], ...]], Any] | None = None,
+                          ) -> tuple[H2GrpcServer, int]:
     """Bind `listen` (host:port, port 0 = ephemeral, or unix:/path) and serve `handler` as
-    /envoy.service.ext_proc.v3.ExternalProcessor/Process. Returns the server and the bound port
+    /envoy.service.ext_proc.v3.ExternalProcessor/Process. With `sessions`, streams are served
+    inline by session objects instead (see H2GrpcServer). Returns the server and the bound port
     (0 for unix sockets)."""
-    server = H2GrpcServer(handler)
+    server = H2GrpcServer(handler, sessions=sessions)
     port = await server.listen(listen)
     return server, port

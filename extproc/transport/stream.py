@@ -75,7 +75,7 @@ class Stream:
         "conn", "id", "headers", "task", "queue", "queued", "waiter", "buf",
         "remote_closed", "closed", "reset", "headers_sent",
         "send_window", "recv_window", "credit_owed", "pending", "pending_trailers",
-        "drain_waiter", "deadline",
+        "drain_waiter", "deadline", "session",
     )
 
     def __init__(self, conn: Connection, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -98,6 +98,8 @@ class Stream:
         self.pending_trailers: bytes | None = None
         self.drain_waiter: asyncio.Future[None] | None = None
         self.deadline: asyncio.TimerHandle | None = None
+        # Inline mode: a session object called from data_received instead of a handler task.
+        self.session: Any = None
 
     def wake(self) -> None:
         w = self.waiter

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -62,7 +62,8 @@ def build_admin_app(
         return resp
 
     async def get_stats(_: web.Request) -> web.Response:
-        data = asdict(stats)
+        # asdict() would copy the Counters as Counters; plain dicts serialize.
+        data = {f.name: (dict(v) if isinstance(v := getattr(stats, f.name), dict) else v) for f in fields(stats)}
         if extra_stats is not None:
             data["storage"] = extra_stats()
         return _json(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
+        # The ClickHouse thread's Python work (Arrow columns, client) competes for the GIL; the
+        # default 5 ms switch interval turned into request latency spikes (bench: p99 at 10
+        # clients 14.4 -> 10.2 ms, RPS 2420 -> 2961 with 0.5 ms).
+        sys.setswitchinterval(0.0005)
         tokenizers = TokenizerRegistry(s.tokenizer.default_encoding, s.tokenizer.models)
         await asyncio.to_thread(tokenizers.warm)
         if self._with_storage:

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from extproc.config import ConfigError, Settings, load_settings
+from extproc.config import ConfigError, Settings, SpoolSettings, load_settings
 
 log = logging.getLogger("extproc")
 
@@ -46,13 +46,21 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides.setdefault("storage", {})["dsn"] = args.dsn
     elif getattr(args, "data_dir", None):
         overrides.setdefault("storage", {})["dsn"] = _dsn_for(args.data_dir)
+    if getattr(args, "spool_dir", None):
+        overrides.setdefault("spool", {})["dir"] = args.spool_dir
     if getattr(args, "tokenizer", None):
         overrides.setdefault("tokenizer", {})["models"] = dict(t.split("=", 1) for t in args.tokenizer)
     if getattr(args, "no_force_include_usage", False):
         overrides["usage"] = {"force_include_usage": False}
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
-    return load_settings(getattr(args, "config", None), overrides)
+    settings = load_settings(getattr(args, "config", None), overrides)
+    if getattr(args, "data_dir", None) and not getattr(args, "spool_dir", None) \
+            and settings.spool.dir == SpoolSettings().dir:
+        # Two sidecars with their own --data-dir must not share the default spool.
+        data = Path(args.data_dir)
+        settings.spool.dir = str(data.with_name(data.name + "-spool"))
+    return settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -211,6 +219,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="embedded ClickHouse (chDB) directory, default ./.extproc/data")
     p.add_argument("--dsn", help="storage DSN: chdb:///path or http(s)://user:pass@host:8123/db")
+    p.add_argument("--spool-dir", help="on-disk spool (default ./.extproc/spool; <data-dir>-spool with --data-dir)")
 
 
 def _stack_flags(p: argparse.ArgumentParser) -> None:

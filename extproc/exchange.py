@@ -7,8 +7,8 @@ It turns ext_proc messages into answers and, at the end, into exactly one UsageE
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 
 from extproc import wire
 from extproc.events import TokenSource, UsageEvent
@@ -84,7 +84,7 @@ class Exchange:
             self.processor.error_detail = "request has no body"
             self.request_done = True
         if request_only:
-            self.correlation_id = uuid.uuid4().hex
+            self.correlation_id = os.urandom(16).hex()
             return wire.add_request_header_response(CORRELATION_HEADER, self.correlation_id)
         return wire.continue_response(wire.REQUEST_HEADERS)
 
@@ -163,7 +163,7 @@ class Exchange:
         end = time.monotonic_ns()
         ev.end_time_unix_nano = ev.start_time_unix_nano + (end - self.start_mono)
         ev.duration_ns = end - self.start_mono
-        ev.event_id = uuid.uuid4().hex
+        ev.event_id = os.urandom(16).hex()
         p = self.processor
         if p is None:
             ev.metered = False

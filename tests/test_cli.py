@@ -101,3 +101,14 @@ def test_report_arguments_are_checked_with_a_clear_message(tmp_path):
     assert out.returncode == 2 and "nonsense" in out.stderr and "Traceback" not in out.stderr
     out = _cli("report", "--since", "yesterday", "--data-dir", str(tmp_path / "d"), "--admin-url", nowhere)
     assert out.returncode == 2 and "--since" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_dir_gets_its_own_spool_unless_one_is_configured(tmp_path):
+    from extproc.cli import _settings, build_parser
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path / "a")])
+    assert _settings(args).spool.dir == str(tmp_path / "a-spool")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("spool:\n  dir: /var/lib/extproc/spool\n")
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path / "a"), "--config", str(cfg)])
+    assert _settings(args).spool.dir == "/var/lib/extproc/spool"

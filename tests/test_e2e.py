@@ -3,6 +3,7 @@ real embedded ClickHouse. Token counts must equal what the upstream reported, pe
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.error
@@ -334,3 +335,11 @@ def test_raw_events_and_hourly_rollup_agree(stack):
     assert raw[0] >= 20  # the requests of this module
     assert tuple(raw) == tuple(rolled)
     assert raw[0] == len(stack.rec.events)
+
+
+def test_admin_stats_endpoint_is_json(stack):
+    port = stack.sidecar.sidecar.admin_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=5) as r:
+        data = json.loads(r.read())
+    assert data["messages"]["request_headers"] >= 1 and data["events_emitted"] >= 1
+    assert data["storage"]["events_dropped"] == 0

@@ -17,16 +17,20 @@ from extproc.processors import ProcessorContext
 from extproc.server import ExtProcService, start_grpc_server
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
+from extproc.transport import start_h2_server
 from tests import ext_proc_msgs as m
 from tests.test_e2e import RecordingSink
 
 
-@pytest.fixture
-async def served():
+@pytest.fixture(params=["grpcio", "h2-inline"])
+async def served(request):
     stats, rec = SidecarStats(), RecordingSink()
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [rec], stats)
-    server, port = await start_grpc_server(service, "127.0.0.1:0")
+    if request.param == "grpcio":
+        server, port = await start_grpc_server(service, "127.0.0.1:0")
+    else:
+        server, port = await start_h2_server(service.process, "127.0.0.1:0", sessions=service.open_stream)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield service, rec, wire.client_stub(channel)
     await channel.close()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from extproc import __version__
 from extproc.config import Settings
@@ -15,6 +16,12 @@ from extproc.events import UsageEvent
 from extproc.stats import SidecarStats
 from extproc.telemetry.cardinality import LabelGuard
 from extproc.telemetry.export import PrometheusHandle, build_meter_provider
+from extproc.telemetry.histograms import (
+    HistogramStore,
+    fast_path_blocker,
+    provider_readers,
+    reader_supported,
+)
 from extproc.telemetry.record import Pricing, UsageRecorder
 from extproc.telemetry.selfmetrics import SelfMetrics
 from extproc.telemetry.vllm_scrape import VllmScraper
@@ -49,7 +56,21 @@ class UsageMetrics:
         self._closed = False
         meter = provider.get_meter(METER_NAME, __version__)
         self.guard = LabelGuard(settings.metrics.max_label_values)
-        self._recorder = UsageRecorder(meter, settings, self.guard, pricing)
+        # Histograms: aggregated by us and merged into each reader's collection, unless the
+        # provider is configured for something only SDK histograms do (see histograms.py).
+        self.histogram_fallback = fast_path_blocker(provider)
+        self._histograms: HistogramStore | None = None
+        if self.histogram_fallback is None:
+            self._histograms = HistogramStore(
+                InstrumentationScope(METER_NAME, __version__), settings.metrics.max_series
+            )
+        else:
+            log.info("usage histograms recorded through the OTel SDK (%s): slower per event",
+                     self.histogram_fallback)
+        self._recorder = UsageRecorder(meter, settings, self.guard, pricing, self._histograms)
+        if self._histograms is not None:
+            for reader in provider_readers(provider) or ():
+                self._histograms.attach(reader)
         self._self_metrics = SelfMetrics(
             meter, stats, self.guard.folded, lambda: self.record_errors, storage
         )
@@ -77,6 +98,16 @@ class UsageMetrics:
         provider, prometheus = build_meter_provider(settings, extra_readers=extra_readers)
         return cls(settings, provider, prometheus=prometheus, stats=stats, storage=storage,
                    pricing=pricing)
+
+    def add_metric_reader(self, reader: MetricReader) -> None:
+        """Add a reader after construction (provider.add_metric_reader alone would not see
+        the usage histograms)."""
+        if self._histograms is not None and not reader_supported(reader):
+            raise ValueError("this reader's histogram aggregation needs SDK histograms: pass it "
+                             "to the MeterProvider at construction instead")
+        self.provider.add_metric_reader(reader)
+        if self._histograms is not None:
+            self._histograms.attach(reader)
 
     def attach_storage(self, storage: object | None) -> None:
         """Storage (duck-typed: queue_depth, spool_bytes, ...) may be created after us."""

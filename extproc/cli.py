@@ -158,7 +158,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def _report_direct(settings: Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
     from extproc.storage import open_storage
 
-    storage = await open_storage(settings)
+    try:
+        storage = await open_storage(settings)
+    except Exception as exc:
+        raise SystemExit(
+            f"extproc report: cannot open the store {settings.storage.dsn} ({exc}).\n"
+            "Embedded ClickHouse allows one process per data directory: if a sidecar is using it,"
+            " ask that sidecar instead: --admin-url http://HOST:ADMIN_PORT") from None
     try:
         return await storage.report(
             args.report, [b.strip() for b in args.by.split(",") if b.strip()],

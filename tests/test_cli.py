@@ -112,3 +112,19 @@ def test_data_dir_gets_its_own_spool_unless_one_is_configured(tmp_path):
     cfg.write_text("spool:\n  dir: /var/lib/extproc/spool\n")
     args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path / "a"), "--config", str(cfg)])
     assert _settings(args).spool.dir == "/var/lib/extproc/spool"
+
+
+def test_report_on_a_directory_held_by_a_running_sidecar_says_what_to_do(tmp_path):
+    from extproc.devstack import ManagedProcess, python_cli
+
+    admin = free_port()
+    data = tmp_path / "held"
+    proc = ManagedProcess("sidecar", python_cli("serve", "--data-dir", str(data), "--admin-port", str(admin),
+                                                "--listen", f"127.0.0.1:{free_port()}"),
+                          ready_url=f"http://127.0.0.1:{admin}/readyz", log_path=tmp_path / "log")
+    proc.start()
+    try:
+        out = _cli("report", "--data-dir", str(data), "--admin-url", f"http://127.0.0.1:{free_port()}")
+    finally:
+        proc.stop()
+    assert out.returncode != 0 and "--admin-url" in out.stderr and "Traceback" not in out.stderr

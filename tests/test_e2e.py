@@ -322,6 +322,9 @@ def test_metrics_after_real_requests_equal_the_events(stack):
                 if sample.labels.get("team") == team and sample.labels.get("token_type") in got:
                     got[sample.labels["token_type"]] += sample.value
     assert got == {"input": want_in, "output": want_out}
+    live = [s.value for f in text_string_to_metric_families(text) if f.name == "extproc_tokens_live_output"
+            for s in f.samples if s.name.endswith("_total")]
+    assert live and live[0] > 0  # deltas counted while the streams ran
 
 
 def test_raw_events_and_hourly_rollup_agree(stack):

@@ -64,6 +64,8 @@ MESSAGES = "extproc.ext_proc.messages"  # attribute kind
 ERRORS = "extproc.ext_proc.errors"  # attribute kind
 UNMETERED = "extproc.requests.unmetered"
 EVENTS_EMITTED = "extproc.events.emitted"
+# Output deltas seen while responses stream: a live, approximate tokens/s between events.
+LIVE_OUTPUT_TOKENS = "extproc.tokens.live_output"
 LABELS_REJECTED = "extproc.labels.rejected"  # attribute label
 LABELS_FOLDED = "extproc.metrics.labels.folded"  # attribute label: values reported as "other"
 RECORD_ERRORS = "extproc.metrics.record.errors"

@@ -84,6 +84,10 @@ class SelfMetrics:
                     self._stat("unmetered_requests"))
             counter(n.EVENTS_EMITTED, "{event}", "Usage events handed to the sinks.",
                     self._stat("events_emitted"))
+            counter(n.LIVE_OUTPUT_TOKENS, "{token}",
+                    "Output deltas seen as responses stream (~1 token each): live, approximate; "
+                    "exact counts are extproc.tokens, recorded when each request ends.",
+                    self._stat("live_output_tokens"))
             counter(n.LABELS_REJECTED, "{value}", "Label values rejected by validation.",
                     self._by_key("labels_rejected", "label"))
         counter(n.LABELS_FOLDED, "{value}",

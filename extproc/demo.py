@@ -71,7 +71,7 @@ def run_demo(stack: DevStack, requests_per_team: int = 6) -> int:
         print(f"sent {sent} requests from {len(TEAMS)} teams in {time.monotonic() - t1:.1f}s "
               "(streaming and not; chat, completions, embeddings)", flush=True)
         rows = _report(stack.admin_url)
-    print("\nChargeback by team / feature / model:\n")
+    print("\nChargeback by team / feature / model (everything in the store, earlier runs included):\n")
     format_rows(rows, "table")
     print(f"\nEvents are stored in {stack.data_dir}; query again with: extproc report --data-dir {stack.data_dir}")
     return 0

@@ -38,9 +38,25 @@ def _stat_cpu(path: str) -> float:
     return sum(_stat_times(path))
 
 
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads)."""
-    return _stat_cpu(f"/proc/{pid}/stat")
+    """utime + stime of the whole process (all threads) and its live children (the sidecar's
+    embedded-ClickHouse child process is part of its cost)."""
+    total = _stat_cpu(f"/proc/{pid}/stat")
+    for child in _children(pid):
+        with contextlib.suppress(OSError):  # exited between listing and reading
+            total += cpu_seconds(child)
+    return total
 
 
 def sys_seconds(pid: int) -> float:

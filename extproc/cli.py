@@ -80,6 +80,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, model=args.model, tokens_per_second=args.tokens_per_second,
         ttft_ms=args.ttft_ms, enable_force_include_usage=args.enable_force_include_usage,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details, reasoning=args.reasoning,
+        reasoning_tokens_details=not args.no_reasoning_tokens_details,
     ))
     return 0
 
@@ -266,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-ms", type=float, default=0.0)
     p.add_argument("--enable-force-include-usage", action="store_true")
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
-    p.add_argument("--reasoning", action="store_true")
+    p.add_argument("--reasoning", action="store_true", help="stream reasoning text first (delta.reasoning)")
+    p.add_argument("--no-reasoning-tokens-details", action="store_true",
+                   help="like vLLM before Aug 2026: no usage.completion_tokens_details.reasoning_tokens")
     p.add_argument("--log-level", default=None)
     p.set_defaults(func=cmd_sim)
 

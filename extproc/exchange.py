@@ -6,6 +6,7 @@ It turns ext_proc messages into answers and, at the end, into exactly one UsageE
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,7 +21,15 @@ log = logging.getLogger(__name__)
 
 # Added to the request by the hybrid mode's request filter; the response filter's stream reads it.
 CORRELATION_HEADER = "x-extproc-correlation"
+CORRELATION_ONLY = frozenset((CORRELATION_HEADER,))
 RESPONSE_HEADERS = frozenset((":status", "content-type", "content-length"))
+
+
+@functools.cache
+def _request_headers(attribution: Attribution) -> frozenset[str]:
+    """Request headers the sidecar reads: routing, request id, pairing, and the labels (once
+    per Attribution, not per request)."""
+    return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names))
 
 
 class Exchange:
@@ -32,7 +41,7 @@ class Exchange:
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
         self._attribution = attribution
         self._ctx = ctx
-        self._request_headers = attribution.wanted
+        self._request_headers = _request_headers(attribution)
         self._stats = stats
         self.event = UsageEvent(start_time_unix_nano=time.time_ns())
         self.start_mono = time.monotonic_ns()

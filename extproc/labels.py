@@ -26,16 +26,10 @@ class Attribution:
         self._max_len = settings.max_value_length
         self._missing = settings.unattributed
         self._stats = stats
-        self.wanted = self.wanted_headers
 
     @property
     def header_names(self) -> tuple[str, ...]:
         return tuple(self._headers)
-
-    @property
-    def wanted_headers(self) -> frozenset[str]:
-        """Request headers the sidecar reads: routing, request id, pairing, and the labels."""
-        return frozenset((":method", ":path", "x-request-id", "x-extproc-correlation", *self._headers))
 
     def labels(self, headers: Mapping[str, str]) -> dict[str, str]:
         out: dict[str, str] = {}

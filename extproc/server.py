@@ -1,4 +1,5 @@
-"""The ext_proc gRPC stream loop: one Exchange per stream, one UsageEvent per Exchange.
+"""The ext_proc gRPC stream loop: one StreamSession per stream, one Exchange per HTTP request
+(two streams share it in hybrid mode), one UsageEvent per Exchange.
 
 No I/O happens here except answering Envoy and handing finished events to sinks (which only
 enqueue). Any failure inside a message is logged, counted, flagged on the event and answered with
@@ -16,7 +17,7 @@ import grpc
 from extproc import wire
 from extproc.envoy_config import ROLE_METADATA
 from extproc.events import EventSink, UsageEvent
-from extproc.exchange import CORRELATION_HEADER, Exchange
+from extproc.exchange import CORRELATION_HEADER, CORRELATION_ONLY, Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
 from extproc.stats import SidecarStats
@@ -65,7 +66,7 @@ class ExtProcService:
     def _adopt(self, msg) -> Exchange | None:  # noqa: ANN001
         """The exchange of this response stream's request stream; None when there is none
         (an unmetered path, or the request filter failed open): then this stream meters alone."""
-        cid = wire.header_value(msg.headers, CORRELATION_HEADER)
+        cid = wire.decode_headers(msg.headers, CORRELATION_ONLY).get(CORRELATION_HEADER)
         entry = self.pending.pop(cid, None) if cid else None
         if entry is None:
             return None

@@ -28,7 +28,7 @@ REQUEST_TRAILERS = "request_trailers"
 RESPONSE_TRAILERS = "response_trailers"
 
 
-def decode_headers(header_map: pb.HeaderMap, wanted: frozenset[str] | None = None) -> dict[str, str]:
+def decode_headers(header_map: pb.HeaderMap, wanted: frozenset[str]) -> dict[str, str]:
     """Envoy sends either `value` or `raw_value` (runtime guard send_header_raw_value).
 
     Only the `wanted` keys are decoded (clients send a dozen headers we never read); repeated
@@ -36,17 +36,10 @@ def decode_headers(header_map: pb.HeaderMap, wanted: frozenset[str] | None = Non
     out: dict[str, str] = {}
     for h in header_map.headers:
         key = h.key
-        if (wanted is None or key in wanted) and key not in out:
+        if key in wanted and key not in out:
             raw = h.raw_value
             out[key] = raw.decode("utf-8", "replace") if raw else h.value
     return out
-
-
-def header_value(header_map: pb.HeaderMap, key: str) -> str:
-    for h in header_map.headers:
-        if h.key == key:
-            return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-    return ""
 
 
 # Responses are immutable singletons where nothing varies: one allocation per process.

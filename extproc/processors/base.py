@@ -8,7 +8,6 @@ Nothing here does I/O: the stream loop feeds bytes in and reads the result out.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -359,6 +358,3 @@ def _error_message(obj: dict[str, Any]) -> str:
         return str(msg) if msg is not None else orjson.dumps(err).decode()[:500]
     return str(err)[:500]
 
-
-def now_ns() -> int:
-    return time.monotonic_ns()

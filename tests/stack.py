@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -16,6 +17,38 @@ from extproc.devstack import ManagedProcess, envoy_process, free_port, python_cl
 from extproc.envoy_config import EnvoyOptions
 
 T = TypeVar("T")
+
+
+class RecordingSink:
+    """Keeps a copy of every event the stream loop emits, to find them by label in tests."""
+
+    def __init__(self) -> None:
+        self.events = []
+
+    def emit(self, event) -> None:
+        self.events.append(event)
+
+    async def start(self) -> None: ...
+
+    async def force_flush(self, timeout: float = 30.0) -> bool:
+        return True
+
+    async def shutdown(self, timeout: float = 30.0) -> None: ...
+
+
+def wait_events(rec: RecordingSink, user: str, count: int, timeout: float = 10.0) -> list:
+    """Events are emitted as Envoy closes the ext_proc stream, a moment after the client is done;
+    a short second look makes sure no extra event follows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in rec.events if e.labels.get("user") == user]
+        if len(found) >= count:
+            time.sleep(0.05)
+            found = [e for e in rec.events if e.labels.get("user") == user]
+            assert len(found) == count, f"{len(found)} events, expected {count}"
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"expected {count} events for user {user}")
 
 
 class ThreadedSidecar:

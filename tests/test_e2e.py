@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -16,27 +15,18 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.telemetry.testing import read
-from tests.stack import ThreadedSidecar, envoy_stats, sidecar_settings, start_envoy, start_sim
+from tests.stack import (
+    RecordingSink,
+    ThreadedSidecar,
+    envoy_stats,
+    sidecar_settings,
+    start_envoy,
+    start_sim,
+    wait_events,
+)
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MSG = [{"role": "user", "content": "Tell me about GPU chargeback, with a café and 日本語 example."}]
-
-
-class RecordingSink:
-    """Keeps a copy of every event the stream loop emits, to find them by label in tests."""
-
-    def __init__(self) -> None:
-        self.events = []
-
-    def emit(self, event) -> None:
-        self.events.append(event)
-
-    async def start(self) -> None: ...
-
-    async def force_flush(self, timeout: float = 30.0) -> bool:
-        return True
-
-    async def shutdown(self, timeout: float = 30.0) -> None: ...
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +70,8 @@ def _sim_counters(sim_url: str) -> tuple[float, float]:
     return total("vllm:prompt_tokens_total"), total("vllm:generation_tokens_total")
 
 
-def _events(stack, user: str, count: int, timeout: float = 10.0) -> list:
-    """Events are emitted as Envoy closes the ext_proc stream, a moment after the client is done."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [e for e in stack.rec.events if e.labels.get("user") == user]
-        if len(found) >= count:
-            time.sleep(0.05)
-            found = [e for e in stack.rec.events if e.labels.get("user") == user]
-            assert len(found) == count, f"{len(found)} events, expected {count}"
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"expected {count} events for user {user}")
+def _events(stack, user: str, count: int) -> list:
+    return wait_events(stack.rec, user, count)
 
 
 def _event(stack, user: str):

@@ -3,14 +3,21 @@ h2 transport, each through the real Envoy with the openai client."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import openai
 import pytest
 
-from tests.stack import ThreadedSidecar, envoy_stats, sidecar_settings, start_envoy, start_sim
-from tests.test_e2e import MODEL, MSG, RecordingSink, _sim_counters
+from tests.stack import (
+    RecordingSink,
+    ThreadedSidecar,
+    envoy_stats,
+    sidecar_settings,
+    start_envoy,
+    start_sim,
+    wait_events,
+)
+from tests.test_e2e import MODEL, MSG, _sim_counters
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +39,8 @@ def stack(request, sim, tmp_path):
     sc.stop()
 
 
-def _wait(rec, user, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [e for e in rec.events if e.labels.get("user") == user]
-        if found:
-            time.sleep(0.05)
-            assert len([e for e in rec.events if e.labels.get("user") == user]) == 1
-            return found[0]
-        time.sleep(0.02)
-    raise AssertionError("no event")
+def _wait(rec, user):
+    return wait_events(rec, user, 1)[0]
 
 
 def test_modes_meter_every_request(stack, sim):

@@ -7,8 +7,8 @@ import openai
 import pytest
 
 from extproc.tokenizers import TokenizerRegistry
-from tests.stack import ThreadedSidecar, sidecar_settings, start_envoy, start_sim
-from tests.test_e2e import MODEL, MSG, RecordingSink
+from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, start_sim
+from tests.test_e2e import MODEL, MSG
 from tests.test_e2e_modes import _wait
 
 

@@ -19,7 +19,7 @@ from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 from extproc.transport import start_h2_server
 from tests import ext_proc_msgs as m
-from tests.test_e2e import RecordingSink
+from tests.stack import RecordingSink
 
 
 @pytest.fixture(params=["grpcio", "h2-inline"])

@@ -113,10 +113,8 @@ class Exchange:
         body = b"".join((*self._request_body, msg.body)) if self._request_body else msg.body
         self._request_body = []
         self.request_done = True
-        if self.observe:
-            p.ctx = p.ctx.without_rewrites()
         try:
-            replacement = p.on_request_body(body)
+            replacement = p.on_request_body(body, rewrite=not self.observe)
         except RequestError as exc:
             p.error, p.error_detail = exc.kind, exc.detail
             log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)

@@ -29,9 +29,6 @@ class ProcessorContext:
     tokenizers: TokenizerRegistry
     force_include_usage: bool = True
 
-    def without_rewrites(self) -> ProcessorContext:
-        return ProcessorContext(self.tokenizers, force_include_usage=False)
-
 
 @dataclass(slots=True)
 class Usage:
@@ -93,8 +90,9 @@ class EndpointProcessor:
 
     # -- request ---------------------------------------------------------------------------
 
-    def on_request_body(self, body: bytes) -> bytes | None:
-        """Parse the whole (buffered) request; return a replacement body or None."""
+    def on_request_body(self, body: bytes, rewrite: bool = True) -> bytes | None:
+        """Parse the whole request; return a replacement body or None (always None when
+        `rewrite` is off: observability mode cannot change the request)."""
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -111,7 +109,7 @@ class EndpointProcessor:
         self.stream = req.get("stream") is True and self.streams
         n = req.get("n", 1)
         self.n = n if isinstance(n, int) and n > 0 else 1
-        if self.stream and self.ctx.force_include_usage:
+        if self.stream and rewrite and self.ctx.force_include_usage:
             return self._inject_usage(req)
         return None
 

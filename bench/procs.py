@@ -192,6 +192,7 @@ class Sidecar:
     workdir: Path
     transport: str
     uds: bool = False
+    settings: tuple[tuple[str, str, Any], ...] = ()  # (section, key, value) over the defaults
     # interpreter options before `-m extproc`, e.g. ("-m", "cProfile", "-o", path)
     python_args: tuple[str, ...] = ()
     proc: Proc | None = None
@@ -206,9 +207,11 @@ class Sidecar:
                         else f"127.0.0.1:{free_port()}")
         config = self.workdir / "extproc.yaml"
         # spool.dir defaults to ./.extproc/spool (not under --data-dir): keep it private.
-        config.write_text(yaml.safe_dump({"grpc": {"transport": self.transport},
-                                          "spool": {"dir": str(self.workdir / "spool")},
-                                          "log_level": "WARNING"}))
+        doc: dict[str, Any] = {"grpc": {"transport": self.transport},
+                               "spool": {"dir": str(self.workdir / "spool")}, "log_level": "WARNING"}
+        for section, key, value in self.settings:
+            doc.setdefault(section, {})[key] = value
+        config.write_text(yaml.safe_dump(doc))
         argv = python_cli("serve", "--config", str(config), "--listen", self.address,
                           "--admin-port", str(self.admin_port), "--data-dir", str(self.workdir / "data"))
         argv[1:1] = self.python_args

@@ -28,6 +28,8 @@ class Config:
     json_upstream: str = "fixed"  # fixed | sim
     # overrides of Envoy's ext_proc processing_mode (lever experiments, not full metering)
     processing_mode: tuple[tuple[str, str], ...] = ()
+    # sidecar settings ((section, key, value), ...) over the defaults (lever experiments)
+    settings: tuple[tuple[str, str, Any], ...] = ()
     workloads: tuple[str, ...] = ("json-c1", "json-c10", "sse")
     about: str = ""
 
@@ -42,6 +44,11 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("envoy", "envoy", workloads=ALL, about="Envoy alone (no ext_proc): the baseline"),
     Config("sync-grpcio", "sidecar", "sync", "grpcio", about="ext_proc synchronous, grpcio server"),
     Config("sync-h2", "sidecar", "sync", "h2", workloads=ALL, about="ext_proc synchronous, lean h2 server"),
+    Config("sync-h2-arrow", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
+           settings=(("storage", "insert_format", "arrow"), ("batch", "flush_interval_ms", 1000),
+                     ("batch", "max_batch_size", 5000)),
+           about="lever: as sync-h2 with the storage path before it was changed (events decoded "
+                 "and converted to Arrow in the sidecar, a flush every 1 s / 5000 events)"),
     Config("sync-h2-uds", "sidecar", "sync", "h2", uds=True, workloads=("json-c1", "json-c10"),
            about="as sync-h2, over a Unix socket"),
     Config("sync-h2-hdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"),
@@ -239,7 +246,7 @@ def _loadavg() -> str:
 def run_config(b: Bench, cfg: Config, wls: dict[str, Workload], log: Any = print) -> list[dict[str, Any]]:
     sidecar = None
     if cfg.kind == "sidecar":
-        sidecar = Sidecar(b.workdir / cfg.name, cfg.transport, uds=cfg.uds).start()
+        sidecar = Sidecar(b.workdir / cfg.name, cfg.transport, uds=cfg.uds, settings=cfg.settings).start()
     results: list[dict[str, Any]] = []
     try:
         for name in cfg.workloads:

@@ -112,9 +112,9 @@ class Gate:
         self.open = threading.Event()
         self.open.set()
 
-    def write(self, events: Sequence[UsageEvent], token: str) -> None:
+    def write(self, payloads: Sequence[bytes], token: str) -> None:
         self.open.wait()
-        self.inner.write(events, token)
+        self.inner.write(payloads, token)
 
 
 def settings_in(directory: Path, fsync: str) -> Settings:

@@ -79,13 +79,17 @@ class StorageSettings:
     cluster: str = ""
     # longer strings are truncated (counted, logged) before insert
     max_value_bytes: int = 65_536
+    # protobuf: batches go to ClickHouse as the spool's serialized events, parsed by ClickHouse
+    # (needs format_schema_source: ClickHouse 25.x or chDB); arrow: decoded and converted to
+    # Arrow columns in the sidecar (more CPU on the sidecar, any recent server)
+    insert_format: str = "protobuf"
 
 
 @dataclass
 class BatchSettings:
     max_queue_size: int = 100_000
-    max_batch_size: int = 5_000
-    flush_interval_ms: int = 1_000
+    max_batch_size: int = 20_000
+    flush_interval_ms: int = 5_000
     # an insert not answered within this time counts as failed and is retried (deduplicated)
     insert_timeout_ms: int = 30_000
     # retry backoff after a failed insert: doubles from initial to max
@@ -220,6 +224,8 @@ def load_settings(
 def validate(settings: Settings) -> None:
     if settings.grpc.transport not in ("grpcio", "h2"):
         raise ConfigError("grpc.transport must be grpcio or h2")
+    if settings.storage.insert_format not in ("protobuf", "arrow"):
+        raise ConfigError("storage.insert_format must be protobuf or arrow")
     if settings.spool.fsync not in ("always", "batch", "never"):
         raise ConfigError("spool.fsync must be always, batch or never")
     if settings.batch.max_batch_size <= 0 or settings.batch.max_queue_size <= 0:

@@ -15,7 +15,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from extproc.config import Settings
 from extproc.events import TokenSource, UsageEvent
-from extproc.storage.sink import BatchWriter, DataError
+from extproc.storage.sink import BatchWriter, DataError, decode_all
 from extproc.storage.store import Storage, open_storage
 
 T0 = 1_795_000_000_000_000_000  # 2026-11-18 UTC, in ns
@@ -103,7 +103,8 @@ class FakeWriter:
         self.poison = poison or set()
         self.lock = threading.Lock()
 
-    def write(self, events: Sequence[UsageEvent], token: str) -> None:
+    def write(self, payloads: Sequence[bytes], token: str) -> None:
+        events = decode_all(payloads)  # raises DataError, as ClickHouse would reject them
         with self.lock:
             self.calls += 1
             if any(e.event_id in self.poison for e in events):
@@ -131,20 +132,20 @@ class FlakyWriter:
         self.failing = threading.Event()
         self.failures = 0
 
-    def write(self, events: Sequence[UsageEvent], token: str) -> None:
+    def write(self, payloads: Sequence[bytes], token: str) -> None:
         if self.failing.is_set():
             self.failures += 1
             if self.commit_then_fail:
-                self.inner.write(events, token)
+                self.inner.write(payloads, token)
             raise self.fault()
-        self.inner.write(events, token)
+        self.inner.write(payloads, token)
 
 
 class PipelinedFlakyWriter(FlakyWriter):
     """The same faults on the prepare()/start() path of a pipelined writer."""
 
-    def prepare(self, events: Sequence[UsageEvent]) -> Any:
-        return self.inner.prepare(events)  # type: ignore[attr-defined]
+    def prepare(self, payloads: Sequence[bytes]) -> Any:
+        return self.inner.prepare(payloads)  # type: ignore[attr-defined]
 
     def start(self, prepared: Any, token: str) -> Callable[[], None]:
         if not self.failing.is_set():
@@ -170,12 +171,12 @@ def flaky(inner: BatchWriter, fault: str = "connection_refused",
 class PipelinedFakeWriter(FakeWriter):
     """FakeWriter with the optional prepare()/start() protocol."""
 
-    def prepare(self, events: Sequence[UsageEvent]) -> list[UsageEvent]:
-        if any(e.event_id in self.poison for e in events):
+    def prepare(self, payloads: Sequence[bytes]) -> list[bytes]:
+        if any(e.event_id in self.poison for e in decode_all(payloads)):
             raise DataError("column conversion failed (poisoned test row)")
-        return list(events)
+        return list(payloads)
 
-    def start(self, prepared: list[UsageEvent], token: str) -> Callable[[], None]:
+    def start(self, prepared: list[bytes], token: str) -> Callable[[], None]:
         return lambda: self.write(prepared, token)
 
 

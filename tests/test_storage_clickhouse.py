@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,10 +24,10 @@ async def rows(storage: Storage, sql: str, **params) -> list[tuple]:
 async def test_migrations_rerun_cleanly_and_ttl_follows_config(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     async with chdb_storage(settings) as st:
-        assert st.migrations_applied == ["0001_usage_events", "0002_usage_hourly"]
+        assert st.migrations_applied == ["0001_usage_events", "0002_usage_hourly", "0003_protobuf_input"]
         assert await st.run(lambda c: migrate(c, settings)) == []
         assert await rows(st, "SELECT DISTINCT version FROM schema_migrations ORDER BY version") == [
-            (1,), (2,)
+            (1,), (2,), (3,)
         ]
         tables = await rows(st, "SELECT name, engine FROM system.tables WHERE database = 'extproc' ORDER BY name")
         assert tables == [
@@ -60,14 +60,16 @@ def test_cluster_ddl_matches_the_single_node_ddl() -> None:
     assert (ROOT / "deploy" / "clickhouse" / "queries" / "chargeback.sql").is_file()
 
 
-async def test_all_fields_round_trip_in_utc(tmp_path: Path) -> None:
+@pytest.mark.parametrize("insert_format", ["protobuf", "arrow"])
+async def test_all_fields_round_trip_in_utc(tmp_path: Path, insert_format: str) -> None:
     e = make_event(
         1, cached_tokens=7, reasoning_tokens=3, client_aborted=True, usage_injected=True,
         token_source=TokenSource.TOKENIZER, tokenizer="o200k_base", error="upstream_error",
         error_detail="boom", http_status=502, response_model="", finish_reason="length,stop",
     )
-    async with chdb_storage(settings_for(tmp_path)) as st:
-        await asyncio.to_thread(st.writer().write, [e], batch_token([e.SerializeToString()]))
+    payload = e.SerializeToString()
+    async with chdb_storage(settings_for(tmp_path, storage={"insert_format": insert_format})) as st:
+        await asyncio.to_thread(st.writer().write, [payload], batch_token([payload]))
         (row,) = await st.run(lambda c: list(c.query(
             "SELECT *, team, feature, model FROM usage_events").named_results()))
     start = datetime.fromtimestamp(e.start_time_unix_nano / 1e9, UTC)
@@ -107,17 +109,19 @@ async def test_raw_table_and_rollup_have_equal_totals(tmp_path: Path) -> None:
         assert partitions[0][0] >= 2
 
 
-async def test_same_batch_twice_is_stored_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("insert_format", ["protobuf", "arrow"])
+async def test_same_batch_twice_is_stored_once(tmp_path: Path, insert_format: str) -> None:
     events = [make_event(i) for i in range(300)]
-    token = batch_token([e.SerializeToString() for e in events])
-    async with chdb_storage(settings_for(tmp_path)) as st:
+    payloads = [e.SerializeToString() for e in events]
+    token = batch_token(payloads)
+    async with chdb_storage(settings_for(tmp_path, storage={"insert_format": insert_format})) as st:
         writer = st.writer()
         for _ in range(3):  # the original and two retries
-            await asyncio.to_thread(writer.write, events, token)
+            await asyncio.to_thread(writer.write, payloads, token)
         assert await rows(st, "SELECT count(), uniqExact(event_id) FROM usage_events") == [(300, 300)]
         assert await rows(st, "SELECT sum(requests) FROM usage_hourly") == [(300,)]
         # a different token is a different insert: the dedup is the token, not luck
-        await asyncio.to_thread(writer.write, events, "another-token")
+        await asyncio.to_thread(writer.write, payloads, "another-token")
         assert await rows(st, "SELECT count() FROM usage_events") == [(600,)]
 
 
@@ -182,3 +186,17 @@ async def test_server_down_at_start_spools_then_replays(tmp_path: Path, caplog) 
         assert sink.events_recovered == 100
         assert await sink.force_flush(10)
         assert await rows(st, "SELECT count(), uniqExact(event_id) FROM usage_events") == [(100, 100)]
+
+
+@pytest.mark.parametrize("insert_format", ["protobuf", "arrow"])
+async def test_missing_times_fall_back_to_the_other_time_then_now(tmp_path: Path, insert_format: str) -> None:
+    only_end = make_event(1, start_time_unix_nano=0, end_time_unix_nano=1_790_000_000_123_456_789)
+    neither = make_event(2, start_time_unix_nano=0, end_time_unix_nano=0)
+    payloads = [only_end.SerializeToString(), neither.SerializeToString()]
+    before = datetime.now(UTC).replace(tzinfo=None)
+    async with chdb_storage(settings_for(tmp_path, storage={"insert_format": insert_format})) as st:
+        await asyncio.to_thread(st.writer().write, payloads, batch_token(payloads))
+        got = await rows(st, "SELECT toUnixTimestamp64Nano(start_time), toUnixTimestamp64Nano(end_time), "
+                             "start_time FROM usage_events ORDER BY request_id")
+    assert got[0][:2] == (1_790_000_000_123_456_789, 1_790_000_000_123_456_789)
+    assert got[1][0] == got[1][1] and got[1][2] >= before - timedelta(seconds=1)

@@ -31,7 +31,6 @@ from typing import Any
 
 from extproc.config import BatchSettings
 from extproc.events import UsageEvent
-from extproc.storage.decode import decode
 from extproc.storage.sink import BatchWriter, DataError, batch_token
 from extproc.storage.spool import Spool, SpoolClosed, SpoolReader
 
@@ -51,11 +50,10 @@ class _Batch:
 
 @dataclass
 class _Ready:
-    """A batch decoded and (pipelined writers) converted, ready to insert."""
+    """A batch with its dedup token and (pipelined writers) converted, ready to insert."""
 
     batch: _Batch
-    records: list[tuple[int, bytes]]  # the decodable ones
-    events: list[UsageEvent]
+    records: list[tuple[int, bytes]]
     token: str
     prepared: Any = None
     marked: bool = False
@@ -416,20 +414,12 @@ class BatchProcessor:
             self._reader = None
 
     def _prepare(self, batch: _Batch) -> _Ready:
-        """Decode (undecodable records go to the dead letters) and convert for the writer."""
-        events, bad_at = decode([p for _, p in batch.records])
-        good, bad = batch.records, []
-        if bad_at:
-            skip = set(bad_at)
-            good = [r for i, r in enumerate(batch.records) if i not in skip]
-            bad = [batch.records[i] for i in bad_at]
-        if bad:
-            self._spool.dead_letter(bad, "not a valid UsageEvent (protobuf or UTF-8 error)")
-            self.events_dead_lettered += len(bad)
-        ready = _Ready(batch, good, events, batch_token([p for _, p in good]))
-        if self._pipelined and good:
+        """Convert for the writer (pipelined writers); a data error is isolated in _deliver."""
+        payloads = [p for _, p in batch.records]
+        ready = _Ready(batch, batch.records, batch_token(payloads))
+        if self._pipelined and payloads:
             with suppress(DataError):  # on a data error, _deliver isolates the bad rows
-                ready.prepared = self._writer.prepare(events)  # type: ignore[attr-defined]
+                ready.prepared = self._writer.prepare(payloads)  # type: ignore[attr-defined]
         return ready
 
     def _start(self, r: _Ready) -> Callable[[], None] | None:
@@ -479,7 +469,7 @@ class BatchProcessor:
         while r.records:
             started = time.monotonic()
             try:
-                dead = self._write_isolating(r.records, r.events)
+                dead = self._write_isolating(r.records)
             except Exception as exc:
                 self._failed(exc, len(r.records))
                 if not self._sleep_until_retry(self._backoff(attempt)):
@@ -505,21 +495,20 @@ class BatchProcessor:
         with self._acked:
             self._acked.notify_all()
 
-    def _write_isolating(self, records: list[tuple[int, bytes]], events: list[UsageEvent]) -> int:
+    def _write_isolating(self, records: list[tuple[int, bytes]]) -> int:
         """Write; on a data error split until the bad rows are alone. Returns rows dead-lettered.
         Tokens derive from content, so a retry of a half-done split deduplicates."""
+        payloads = [p for _, p in records]
         try:
-            self._writer.write(events, batch_token([p for _, p in records]))
+            self._writer.write(payloads, batch_token(payloads))
             return 0
         except DataError as exc:
             if len(records) == 1:
-                self._spool.dead_letter(records, f"rejected by ClickHouse: {exc}")
+                self._spool.dead_letter(records, f"rejected: {exc}")
                 self.events_dead_lettered += 1
                 return 1
             mid = len(records) // 2
-            return self._write_isolating(records[:mid], events[:mid]) + self._write_isolating(
-                records[mid:], events[mid:]
-            )
+            return self._write_isolating(records[:mid]) + self._write_isolating(records[mid:])
 
     def _failed(self, exc: Exception, n: int) -> None:
         self.insert_failures += 1

@@ -55,6 +55,14 @@ def _frame(payload: bytes) -> bytes:
     return bytes(out) + payload
 
 
+def batch_parses(payloads: Sequence[bytes]) -> bool:
+    """True if every payload is a valid UsageEvent (protobuf, UTF-8 strings): one C parse."""
+    try:
+        return len(_Batch.FromString(b"".join(map(_frame, payloads))).events) == len(payloads)
+    except DecodeError:
+        return False
+
+
 def decode(payloads: Sequence[bytes]) -> tuple[list[UsageEvent], list[int]]:
     """The events of the decodable payloads (in order) and the indexes of the others."""
     try:

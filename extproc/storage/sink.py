@@ -16,9 +16,12 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 import pyarrow as pa
+from google.protobuf.message import DecodeError
 
 from extproc.events import UsageEvent
+from extproc.storage import pbinput
 from extproc.storage.columns import ColumnStats, to_arrow
+from extproc.storage.decode import decode
 
 TABLE = "usage_events"
 
@@ -40,6 +43,8 @@ DATA_ERROR_CODES = frozenset({
     117,  # INCORRECT_DATA
     131,  # TOO_LARGE_STRING_SIZE
     349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    436,  # a Protobuf value that does not fit its column (an http_status > 65535)
+    444,  # Protobuf records that are corrupted or do not match the schema
     469,  # VIOLATED_CONSTRAINT
 })
 
@@ -68,13 +73,15 @@ def batch_token(payloads: Sequence[bytes]) -> str:
 
 
 class BatchWriter(Protocol):
-    """What the batcher needs: raises DataError (not retryable) or anything else (retry).
+    """What the batcher needs: write(payloads, token) stores a batch of serialized UsageEvents
+    (spool records) or raises DataError (not retryable: the batcher isolates the bad records)
+    or anything else (retried).
 
-    A writer may also offer prepare(events) -> P (CPU work, may raise DataError) and
+    A writer may also offer prepare(payloads) -> P (CPU work, may raise DataError) and
     start(P, token) -> wait (starts the insert; wait() blocks until it is done and raises like
     write): the batcher then builds the next batch while the current one is being inserted."""
 
-    def write(self, events: Sequence[UsageEvent], token: str) -> None: ...
+    def write(self, payloads: Sequence[bytes], token: str) -> None: ...
 
 
 class ClientRunner(Protocol):
@@ -85,7 +92,21 @@ class ClientRunner(Protocol):
     def wait(self, future: Future[Any], timeout: float | None) -> Any: ...
 
 
+INSERT_FORMATS = ("protobuf", "arrow")
+
+
+def decode_all(payloads: Sequence[bytes]) -> list[UsageEvent]:
+    events, bad = decode(payloads)
+    if bad:
+        raise DataError(f"{len(bad)} record(s) not a valid UsageEvent (protobuf or UTF-8 error)")
+    return events
+
+
 class ClickHouseWriter:
+    """insert_format protobuf (default): the records as they are, parsed by ClickHouse
+    (pbinput.py). arrow: decoded here and converted to Arrow columns (columns.py), the path
+    for a ClickHouse server too old for an inline Protobuf schema (format_schema_source)."""
+
     def __init__(
         self,
         runner: ClientRunner,
@@ -94,28 +115,46 @@ class ClickHouseWriter:
         timeout: float | None = 30.0,
         max_value_bytes: int = 65_536,
         stats: ColumnStats | None = None,
+        insert_format: str = "protobuf",
     ) -> None:
+        if insert_format not in INSERT_FORMATS:
+            raise ValueError(f"insert_format must be one of {INSERT_FORMATS}")
         self._runner = runner
         self._table = table
         self._timeout = timeout
         self._max_value_bytes = max_value_bytes
+        self._format = insert_format
         self.stats = stats if stats is not None else ColumnStats()
 
-    def prepare(self, events: Sequence[UsageEvent]) -> pa.Table:
+    def prepare(self, payloads: Sequence[bytes]) -> bytes | pa.Table:
         try:
-            return to_arrow(events, self._max_value_bytes, self.stats)
+            if self._format == "protobuf":
+                return pbinput.encode(payloads, self._max_value_bytes, self.stats)
+            return to_arrow(decode_all(payloads), self._max_value_bytes, self.stats)
+        except DataError:
+            raise
+        except DecodeError as exc:
+            raise DataError(str(exc)) from exc
         except Exception as exc:  # a value Arrow cannot take, e.g. http_status > 65535
             raise DataError(f"column conversion failed: {exc}") from exc
 
-    def start(self, table: pa.Table, token: str) -> Callable[[], None]:
-        settings = {
+    def start(self, prepared: bytes | pa.Table, token: str) -> Callable[[], None]:
+        settings: dict[str, Any] = {
             "insert_deduplicate": 1,
             "insert_deduplication_token": token,
             "deduplicate_blocks_in_dependent_materialized_views": 1,
         }
-        future = self._runner.submit(
-            lambda c: c.insert_arrow(self._table, table, settings=settings), self._timeout
-        )
+        if isinstance(prepared, bytes):
+            settings.update(pbinput.SETTINGS)
+
+            def insert(c: Any) -> Any:
+                return c.raw_insert(self._table, pbinput.COLUMNS, prepared, settings=settings,
+                                    fmt="Protobuf")
+        else:
+            def insert(c: Any) -> Any:
+                return c.insert_arrow(self._table, prepared, settings=settings)
+
+        future = self._runner.submit(insert, self._timeout)
 
         def wait() -> None:
             try:
@@ -127,5 +166,5 @@ class ClickHouseWriter:
 
         return wait
 
-    def write(self, events: Sequence[UsageEvent], token: str) -> None:
-        self.start(self.prepare(events), token)()
+    def write(self, payloads: Sequence[bytes], token: str) -> None:
+        self.start(self.prepare(payloads), token)()

@@ -96,6 +96,7 @@ class Storage:
             timeout=self.settings.batch.insert_timeout_ms / 1000,
             max_value_bytes=self.settings.storage.max_value_bytes,
             stats=self.column_stats,
+            insert_format=self.settings.storage.insert_format,
         )
 
     def sink(self) -> BatchProcessor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -82,31 +81,6 @@ def http_json(url: str, method: str = "GET", timeout: float = 60.0) -> Any:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
-
-
-def _get_text(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read().decode()
-
-
-_PROM = re.compile(r'^extproc_([a-z_]+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.e+-]+)$', re.MULTILINE)
-_KIND = re.compile(r'kind="([^"]*)"')
-
-
-def _stats_from_prometheus(text: str) -> dict[str, Any]:
-    """The subset of /v1/stats the bench uses, read from the sidecar's Prometheus /metrics."""
-    out: dict[str, Any] = {"messages": {}, "errors": {}, "storage": {}}
-    for name, labels, value in _PROM.findall(text):
-        v = int(float(value))
-        if name.startswith("ext_proc_streams_"):
-            out["streams_" + name[len("ext_proc_streams_"):]] = v
-        elif name in ("ext_proc_messages", "ext_proc_errors") and (kind := _KIND.search(labels or "")):
-            out[name[len("ext_proc_"):]][kind.group(1)] = v
-        elif name == "events_emitted":
-            out["events_emitted"] = v
-        elif name.startswith("storage_events_"):
-            out["storage"]["events_" + name[len("storage_events_"):]] = v
-    return out
 
 
 def envoy_stats(admin_port: int) -> dict[str, int]:
@@ -198,7 +172,6 @@ class Sidecar:
     proc: Proc | None = None
     admin_port: int = 0
     address: str = ""
-    _stats_broken: bool = False
 
     def start(self) -> Sidecar:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -230,16 +203,7 @@ class Sidecar:
         return self.proc.pid
 
     def stats(self) -> dict[str, Any]:
-        if not self._stats_broken:
-            try:
-                return http_json(f"{self.admin_url}/v1/stats", timeout=10)
-            except urllib.error.HTTPError as exc:
-                if exc.code != 500:
-                    raise
-                # extproc/admin.py: asdict() turns the Counter fields into Counters of (k, v)
-                # tuples, which orjson refuses: /v1/stats fails once a message was counted.
-                self._stats_broken = True
-        return _stats_from_prometheus(_get_text(f"{self.admin_url}/metrics"))
+        return http_json(f"{self.admin_url}/v1/stats", timeout=10)
 
     def settle(self, timeout: float = 15.0) -> dict[str, Any]:
         """Wait until every stream the sidecar opened is closed and the event count is still,

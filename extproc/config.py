@@ -80,8 +80,9 @@ class StorageSettings:
     # longer strings are truncated (counted, logged) before insert
     max_value_bytes: int = 65_536
     # protobuf: batches go to ClickHouse as the spool's serialized events, parsed by ClickHouse
-    # (needs format_schema_source: ClickHouse 25.x or chDB); arrow: decoded and converted to
-    # Arrow columns in the sidecar (more CPU on the sidecar, any recent server)
+    # (needs the format_schema_source setting, as chDB has); arrow: decoded and converted to
+    # Arrow columns in the sidecar (more CPU on the sidecar, any recent server). A server that
+    # rejects the inline schema switches the sidecar to arrow by itself (logged once).
     insert_format: str = "protobuf"
 
 

@@ -200,3 +200,22 @@ async def test_missing_times_fall_back_to_the_other_time_then_now(tmp_path: Path
                              "start_time FROM usage_events ORDER BY request_id")
     assert got[0][:2] == (1_790_000_000_123_456_789, 1_790_000_000_123_456_789)
     assert got[1][0] == got[1][1] and got[1][2] >= before - timedelta(seconds=1)
+
+
+async def test_a_store_from_before_migration_0003_upgrades_in_place(tmp_path: Path, monkeypatch) -> None:
+    from extproc.storage import migrations
+
+    current = migrations.load_migrations
+    monkeypatch.setattr(migrations, "load_migrations", lambda cluster=False: current(cluster)[:3])
+    old = [make_event(i).SerializeToString() for i in range(10)]
+    async with chdb_storage(settings_for(tmp_path, storage={"insert_format": "arrow"})) as st:
+        assert st.migrations_applied[-1] == "0002_usage_hourly"
+        await asyncio.to_thread(st.writer().write, old, batch_token(old))
+    monkeypatch.setattr(migrations, "load_migrations", current)
+    new = [make_event(i).SerializeToString() for i in range(10, 30)]
+    async with chdb_storage(settings_for(tmp_path)) as st:
+        assert st.migrations_applied == ["0003_protobuf_input"]
+        await asyncio.to_thread(st.writer().write, new, batch_token(new))
+        assert await rows(st, "SELECT count(), uniqExact(event_id), min(start_time) > '2020-01-01' "
+                              "FROM usage_events") == [(30, 30, True)]
+        assert await rows(st, "SELECT sum(requests) FROM usage_hourly") == [(30,)]

@@ -11,8 +11,10 @@ that failed after the raw insert had succeeded.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -22,6 +24,8 @@ from extproc.events import UsageEvent
 from extproc.storage import pbinput
 from extproc.storage.columns import ColumnStats, to_arrow
 from extproc.storage.decode import decode
+
+log = logging.getLogger(__name__)
 
 TABLE = "usage_events"
 
@@ -63,6 +67,14 @@ def is_data_error(exc: BaseException) -> bool:
         return False
 
 
+def _no_inline_schema(exc: BaseException) -> bool:
+    """A server (or clickhouse-connect's check of its settings) that does not know
+    format_schema_source: ClickHouse before the inline schema setting."""
+    return "format_schema_source" in str(exc) and (
+        getattr(exc, "code", None) in (115, "115") or "unknown" in str(exc).lower()
+        or "not valid" in str(exc).lower() or "readonly" in str(exc).lower())
+
+
 def batch_token(payloads: Sequence[bytes]) -> str:
     """Same events in the same order -> same token, in any process, on any host."""
     h = hashlib.blake2b(digest_size=16)
@@ -102,6 +114,12 @@ def decode_all(payloads: Sequence[bytes]) -> list[UsageEvent]:
     return events
 
 
+@dataclass(frozen=True)
+class _ProtobufBody:
+    payloads: Sequence[bytes]  # kept to convert to Arrow if the server turns out not to take it
+    body: bytes
+
+
 class ClickHouseWriter:
     """insert_format protobuf (default): the records as they are, parsed by ClickHouse
     (pbinput.py). arrow: decoded here and converted to Arrow columns (columns.py), the path
@@ -126,10 +144,10 @@ class ClickHouseWriter:
         self._format = insert_format
         self.stats = stats if stats is not None else ColumnStats()
 
-    def prepare(self, payloads: Sequence[bytes]) -> bytes | pa.Table:
+    def prepare(self, payloads: Sequence[bytes]) -> _ProtobufBody | pa.Table:
         try:
             if self._format == "protobuf":
-                return pbinput.encode(payloads, self._max_value_bytes, self.stats)
+                return _ProtobufBody(payloads, pbinput.encode(payloads, self._max_value_bytes, self.stats))
             return to_arrow(decode_all(payloads), self._max_value_bytes, self.stats)
         except DataError:
             raise
@@ -138,17 +156,20 @@ class ClickHouseWriter:
         except Exception as exc:  # a value Arrow cannot take, e.g. http_status > 65535
             raise DataError(f"column conversion failed: {exc}") from exc
 
-    def start(self, prepared: bytes | pa.Table, token: str) -> Callable[[], None]:
+    def start(self, prepared: _ProtobufBody | pa.Table, token: str) -> Callable[[], None]:
+        if isinstance(prepared, _ProtobufBody) and self._format == "arrow":
+            prepared = self.prepare(prepared.payloads)  # prepared before the fallback below
         settings: dict[str, Any] = {
             "insert_deduplicate": 1,
             "insert_deduplication_token": token,
             "deduplicate_blocks_in_dependent_materialized_views": 1,
         }
-        if isinstance(prepared, bytes):
+        if isinstance(prepared, _ProtobufBody):
             settings.update(pbinput.SETTINGS)
+            body = prepared.body
 
             def insert(c: Any) -> Any:
-                return c.raw_insert(self._table, pbinput.COLUMNS, prepared, settings=settings,
+                return c.raw_insert(self._table, pbinput.COLUMNS, body, settings=settings,
                                     fmt="Protobuf")
         else:
             def insert(c: Any) -> Any:
@@ -160,11 +181,21 @@ class ClickHouseWriter:
             try:
                 self._runner.wait(future, self._timeout)
             except Exception as exc:
+                if isinstance(prepared, _ProtobufBody) and _no_inline_schema(exc):
+                    self._fall_back_to_arrow(exc)
+                    raise  # retried by the batcher: write() prepares it again, as Arrow
                 if is_data_error(exc):
                     raise DataError(str(exc)) from exc
                 raise
 
         return wait
+
+    def _fall_back_to_arrow(self, exc: Exception) -> None:
+        if self._format != "arrow":
+            self._format = "arrow"
+            log.warning("this ClickHouse cannot take an inline Protobuf schema (%s); inserting as "
+                        "Arrow from now on (set storage.insert_format: arrow to start that way)",
+                        str(exc).splitlines()[0][:200])
 
     def write(self, payloads: Sequence[bytes], token: str) -> None:
         self.start(self.prepare(payloads), token)()

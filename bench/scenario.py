@@ -49,6 +49,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
                      ("batch", "max_batch_size", 5000)),
            about="lever: as sync-h2 with the storage path before it was changed (events decoded "
                  "and converted to Arrow in the sidecar, a flush every 1 s / 5000 events)"),
+    Config("sync-h2-uvloop", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
+           settings=(("grpc", "event_loop", "uvloop"),), about="lever: as sync-h2 on uvloop"),
     Config("sync-h2-uds", "sidecar", "sync", "h2", uds=True, workloads=("json-c1", "json-c10"),
            about="as sync-h2, over a Unix socket"),
     Config("sync-h2-hdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"),

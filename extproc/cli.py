@@ -68,7 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
-    asyncio.run(Sidecar(settings).run_until_signal())
+    if settings.grpc.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(Sidecar(settings).run_until_signal())
+    else:
+        asyncio.run(Sidecar(settings).run_until_signal())
     return 0
 
 

@@ -27,6 +27,9 @@ class GrpcSettings:
     # grpcio: the conservative choice. h2: our lean HTTP/2 + gRPC framer for the one method
     # Envoy calls (extproc/transport), ~5x less CPU per request; see README "Performance".
     transport: str = "grpcio"
+    # asyncio: the standard library's event loop. uvloop: libuv's (C), fewer CPU cycles per
+    # socket read, write and loop turn; see README "Performance".
+    event_loop: str = "asyncio"
 
 
 @dataclass
@@ -225,6 +228,8 @@ def load_settings(
 def validate(settings: Settings) -> None:
     if settings.grpc.transport not in ("grpcio", "h2"):
         raise ConfigError("grpc.transport must be grpcio or h2")
+    if settings.grpc.event_loop not in ("asyncio", "uvloop"):
+        raise ConfigError("grpc.event_loop must be asyncio or uvloop")
     if settings.storage.insert_format not in ("protobuf", "arrow"):
         raise ConfigError("storage.insert_format must be protobuf or arrow")
     if settings.spool.fsync not in ("always", "batch", "never"):

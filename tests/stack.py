@@ -54,7 +54,12 @@ def wait_events(rec: RecordingSink, user: str, count: int, timeout: float = 10.0
 class ThreadedSidecar:
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self.sidecar = Sidecar(settings, **kwargs)
-        self.loop = asyncio.new_event_loop()
+        if settings.grpc.event_loop == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="sidecar", daemon=True)
 
     def start(self) -> ThreadedSidecar:

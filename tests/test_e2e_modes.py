@@ -28,11 +28,13 @@ def sim(tmp_path_factory):
 
 
 @pytest.fixture(params=[("grpcio", "observe"), ("h2", "sync"), ("h2", "observe"), ("grpcio", "hybrid"),
-                        ("h2", "hybrid")], ids=lambda p: "-".join(p))
+                        ("h2", "hybrid"), ("h2", "sync", "uvloop"), ("grpcio", "sync", "uvloop")],
+                ids=lambda p: "-".join(p))
 def stack(request, sim, tmp_path):
-    transport, mode = request.param
+    transport, mode, *loop = request.param
     rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": transport}), extra_sinks=[rec]).start()
+    grpc = {"transport": transport, "event_loop": loop[0] if loop else "asyncio"}
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc=grpc), extra_sinks=[rec]).start()
     envoy, url, admin = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode=mode)
     yield mode, url, admin, rec, sc
     envoy.stop()

@@ -5,6 +5,7 @@ Config keys are public interface: rename nothing, only add.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -230,6 +231,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("grpc.transport must be grpcio or h2")
     if settings.grpc.event_loop not in ("asyncio", "uvloop"):
         raise ConfigError("grpc.event_loop must be asyncio or uvloop")
+    if settings.grpc.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("grpc.event_loop: uvloop needs the uvloop package: pip install 'extproc[uvloop]'")
     if settings.storage.insert_format not in ("protobuf", "arrow"):
         raise ConfigError("storage.insert_format must be protobuf or arrow")
     if settings.spool.fsync not in ("always", "batch", "never"):

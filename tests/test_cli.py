@@ -13,6 +13,7 @@ import sys
 import time
 
 import openai
+import pytest
 
 from extproc.devstack import free_port
 
@@ -128,3 +129,19 @@ def test_report_on_a_directory_held_by_a_running_sidecar_says_what_to_do(tmp_pat
     finally:
         proc.stop()
     assert out.returncode != 0 and "--admin-url" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_event_loop_and_insert_format_are_checked(monkeypatch):
+    import importlib.util
+
+    from extproc.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="grpc.event_loop must be asyncio or uvloop"):
+        load_settings(None, {"grpc": {"event_loop": "trio"}}, environ={})
+    with pytest.raises(ConfigError, match="storage.insert_format must be protobuf or arrow"):
+        load_settings(None, {"storage": {"insert_format": "csv"}}, environ={})
+    assert load_settings(None, {"grpc": {"event_loop": "uvloop"}}, environ={}).grpc.event_loop == "uvloop"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'extproc\[uvloop\]'"):
+        load_settings(None, {"grpc": {"event_loop": "uvloop"}}, environ={})

@@ -4,6 +4,8 @@ The choices that matter, and why:
 - request body BUFFERED: we may rewrite it (stream_options.include_usage) and must send a
   correct content-length; the listener's buffer limit is raised so long prompts fit.
 - response body STREAMED: tokens reach the client as they are generated; we see every chunk.
+- response headers SKIP: one message (and round trip) less per request. The status arrives as
+  the response.code attribute with the first body message; the body shows SSE or JSON.
 - allow_mode_override: requests we do not meter skip body processing entirely.
 - failure_mode_allow: a sidecar outage must not take inference down. Lost metering is not
   hidden: Envoy counts it (ext_proc streams_failed / failure_mode_allowed stats) and so do we.
@@ -96,7 +98,10 @@ def _ext_proc_config(opts: EnvoyOptions, *, observe: bool, request: bool, respon
         "message_timeout": f"{opts.message_timeout_ms / 1000:g}s",
         "processing_mode": {
             "request_header_mode": "SEND",
-            "response_header_mode": "SEND" if response else "SKIP",
+            # Response headers cost a message (a round trip when synchronous) and tell us only
+            # the status, which comes as an attribute with the first body message instead, and
+            # the content type, which the body shows (SSE or JSON).
+            "response_header_mode": "SKIP",
             # Observability mode supports STREAMED only; it cannot rewrite the request anyway.
             "request_body_mode": ("STREAMED" if observe else "BUFFERED") if request else "NONE",
             "response_body_mode": "STREAMED" if response else "NONE",
@@ -104,6 +109,8 @@ def _ext_proc_config(opts: EnvoyOptions, *, observe: bool, request: bool, respon
             "response_trailer_mode": "SKIP",
         },
     }
+    if response:
+        cfg["response_attributes"] = ["response.code"]
     if observe:
         cfg["observability_mode"] = True
         cfg["deferred_close_timeout"] = "1s"

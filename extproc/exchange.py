@@ -32,10 +32,20 @@ def _request_headers(attribution: Attribution) -> frozenset[str]:
     return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names))
 
 
+_SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
+def sniff_content_type(first_chunk: bytes) -> str:
+    """What the response headers would have said: an SSE stream starts with a field or a
+    comment line; anything else (vLLM's JSON answers and errors) is read as JSON."""
+    return "text/event-stream" if first_chunk.lstrip().startswith(_SSE_STARTS) else "application/json"
+
+
 class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
         "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
+        "response_started", "response_code",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
@@ -49,6 +59,10 @@ class Exchange:
         # Nothing more to come for the request / the response: a stream can be closed.
         self.request_done = False
         self.response_done = False
+        # Response headers seen, or (response_header_mode SKIP) the first body message.
+        self.response_started = False
+        # The upstream status from Envoy's response.code attribute, when headers are skipped.
+        self.response_code: int | None = None
         self._finished = False
         # Request body pieces (STREAMED request bodies, as in observability mode).
         self._request_body: list[bytes] = []
@@ -124,6 +138,7 @@ class Exchange:
         return wire.replace_request_body(replacement)
 
     def _on_response_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        self.response_started = True
         headers = wire.decode_headers(msg.headers, RESPONSE_HEADERS)
         status = headers.get(":status", "0")
         self.event.http_status = int(status) if status.isdigit() else 0
@@ -141,6 +156,12 @@ class Exchange:
 
     def _on_response_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
         p = self.processor
+        if not self.response_started:  # response headers are not sent to us
+            self.response_started = True
+            status = self.response_code or 0
+            self.event.http_status = status
+            if p is not None:
+                p.on_response_headers(status, sniff_content_type(msg.body))
         if msg.end_of_stream:
             self.response_done = True
         if p is None:

@@ -138,6 +138,8 @@ class StreamSession:
                 return None if observe else wire.continue_response(kind)
         exchange = self.exchange
         exchange.observe = observe
+        if kind == wire.RESPONSE_BODY and not exchange.response_started:
+            exchange.response_code = wire.response_code(req)
         try:
             resp = exchange.handle(kind, msg)
         except Exception as exc:

@@ -57,6 +57,16 @@ def continue_response(kind: str) -> ProcessingResponse:
     return _CONTINUE[kind]
 
 
+def response_code(req: ProcessingRequest) -> int | None:
+    """The upstream status Envoy attached as the response.code attribute (sent with the first
+    response body message when response headers are not sent to us), if any."""
+    for attrs in req.attributes.values():  # keyed by filter name
+        value = attrs.fields.get("response.code")
+        if value is not None and value.WhichOneof("kind") == "number_value":
+            return int(value.number_value)
+    return None
+
+
 def skip_bodies_response(response_headers: bool = True) -> ProcessingResponse:
     """Answer request headers and tell Envoy to send no bodies for this request (needs
     allow_mode_override); response headers still come, for the status, unless this filter

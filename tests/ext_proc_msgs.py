@@ -14,9 +14,15 @@ def headers(pairs: dict[str, str], *, response: bool = False, eos: bool = False,
     return pb.ProcessingRequest(response_headers=hh) if response else pb.ProcessingRequest(request_headers=hh)
 
 
-def body(data: bytes, *, response: bool = False, eos: bool = False) -> pb.ProcessingRequest:
+def body(data: bytes, *, response: bool = False, eos: bool = False, code: int | None = None,
+         filter_name: str = "envoy.filters.http.ext_proc") -> pb.ProcessingRequest:
+    """code: the response.code attribute Envoy attaches to the first response body message when
+    response headers are skipped."""
     b = pb.HttpBody(body=data, end_of_stream=eos)
-    return pb.ProcessingRequest(response_body=b) if response else pb.ProcessingRequest(request_body=b)
+    req = pb.ProcessingRequest(response_body=b) if response else pb.ProcessingRequest(request_body=b)
+    if code is not None:
+        req.attributes[filter_name].fields["response.code"].number_value = code
+    return req
 
 
 def request_headers(path: str = "/v1/chat/completions", method: str = "POST", **extra: str) -> pb.ProcessingRequest:

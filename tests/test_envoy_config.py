@@ -71,6 +71,8 @@ def test_typed_ext_proc_settings(path):
     observe = "observe" in path.name
     want = ("STREAMED" if observe else "BUFFERED", "STREAMED")
     assert (mode.request_body_mode.name, mode.response_body_mode.name) == want
+    # the status comes as an attribute with the first body message: no response headers message
+    assert mode.response_header_mode.name == "SKIP" and list(ext.response_attributes) == ["response.code"]
     assert ext.observability_mode == observe
     extproc = next(c for c in boot.static_resources.clusters if c.name == "extproc")
     opts = extproc.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].unpack()

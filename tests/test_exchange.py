@@ -213,3 +213,19 @@ def test_streamed_request_body_in_observe_mode_is_read_but_never_rewritten():
     assert not ev.usage_injected and ev.stream and ev.request_model == "m"
     assert ev.token_source == TokenSource.TOKENIZER
     assert ev.completion_tokens == TOKENIZERS.for_model("m").count("Hello there")
+
+
+@pytest.mark.parametrize(("first", "kind"), [
+    (b"data: {}\n\n", "text/event-stream"), (b"\n: keep-alive\n\n", "text/event-stream"),
+    (b"event: x\ndata: 1\n\n", "text/event-stream"), (b'{"id": "c1"}', "application/json"),
+    (b"", "application/json"), (b"upstream connect error", "application/json"),
+])
+def test_content_type_is_sniffed_from_the_first_chunk(first, kind):
+    from extproc.exchange import sniff_content_type
+
+    assert sniff_content_type(first) == kind
+
+
+def test_response_code_attribute_whatever_the_filter_name():
+    assert wire.response_code(m.body(b"x", response=True, code=429, filter_name="extproc.response")) == 429
+    assert wire.response_code(m.body(b"x", response=True)) is None

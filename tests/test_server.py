@@ -61,6 +61,38 @@ async def test_one_event_per_stream_and_stream_closed_at_response_end(served):
     assert b"usage" not in out[3].response_body.response.body_mutation.body
 
 
+async def test_response_headers_skipped_status_from_attribute_and_sse_from_the_body(served):
+    """Envoy's shipped configs skip response headers: the status comes as the response.code
+    attribute with the first body message, and the body shows it is SSE."""
+    service, rec, stub = served
+    out = await _call(stub, [m.request_headers(x_team="a"), m.body(CHAT, eos=True),
+                             m.body(STREAM[:40], response=True, code=200),
+                             m.body(STREAM[40:], response=True, eos=True)])
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "response_body",
+                                                      "response_body"]
+    (ev,) = rec.events
+    assert ev.http_status == 200 and ev.prompt_tokens == 4 and ev.completion_tokens == 2 and not ev.error
+    assert b"usage" not in out[3].response_body.response.body_mutation.body
+
+
+async def test_response_headers_skipped_error_status_and_json_body(served):
+    service, rec, stub = served
+    error = orjson.dumps({"object": "error", "message": "model overloaded", "code": 503})
+    await _call(stub, [m.request_headers(x_team="a"), m.body(CHAT, eos=True),
+                       m.body(error, response=True, eos=True, code=503)])
+    (ev,) = rec.events
+    assert ev.http_status == 503 and ev.error == "upstream_error" and "overloaded" in ev.error_detail
+
+
+async def test_response_headers_skipped_without_the_attribute_is_read_from_the_body(served):
+    """An Envoy not configured with response_attributes: status unknown (0), tokens still counted."""
+    service, rec, stub = served
+    await _call(stub, [m.request_headers(x_team="a"), m.body(CHAT, eos=True),
+                       m.body(STREAM, response=True, eos=True)])
+    (ev,) = rec.events
+    assert ev.http_status == 0 and ev.completion_tokens == 2 and ev.token_source == 1
+
+
 async def test_hybrid_request_and_response_streams_make_one_event(served):
     service, rec, stub = served
     req_side = await _call(stub, [m.request_headers(x_team="hy"), m.body(CHAT, eos=True)], role="request")

@@ -51,6 +51,10 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
                  "and converted to Arrow in the sidecar, a flush every 1 s / 5000 events)"),
     Config("sync-h2-uvloop", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
            settings=(("grpc", "event_loop", "uvloop"),), about="lever: as sync-h2 on uvloop"),
+    Config("sync-h2-resphdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
+           processing_mode=(("response_header_mode", "SEND"),),
+           about="lever: as sync-h2 with response headers sent to the sidecar (before: status and "
+                 "content type from them, one more message per request)"),
     Config("sync-h2-uds", "sidecar", "sync", "h2", uds=True, workloads=("json-c1", "json-c10"),
            about="as sync-h2, over a Unix socket"),
     Config("sync-h2-hdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"),
@@ -59,6 +63,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            about="lever: request headers only, 1 message/request (what a synchronous budget check "
                  "costs; NOT full metering: no tokens, events flagged client_aborted)"),
     Config("observe-h2", "sidecar", "observe", "h2", about="observability mode, lean h2 server"),
+    Config("observe-h2-resphdrs", "sidecar", "observe", "h2", workloads=("json-c1", "json-c10", "sse"),
+           processing_mode=(("response_header_mode", "SEND"),),
+           about="lever: as observe-h2 with response headers sent to the sidecar"),
     Config("observe-grpcio", "sidecar", "observe", "grpcio", workloads=("json-c10", "sse"),
            about="observability mode, grpcio server"),
     Config("hybrid-h2", "sidecar", "hybrid", "h2", workloads=ALL,

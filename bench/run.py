@@ -62,6 +62,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(scenario.DEFAULT_CONFIGS),
                    help=f"comma-separated, from: {', '.join(scenario.CONFIGS)}")
+    p.add_argument("--levers", action="store_true",
+                   help=f"also the lever experiments: {', '.join(scenario.LEVER_CONFIGS)} (~2.5 min more)")
     p.add_argument("--workloads", default="json-c1,json-c10,sse,sse-x4",
                    help="from: json-c1, json-c10, sse, sse-x4 (4x the streams)")
     p.add_argument("--seconds", type=float, default=4.0, help="per non-streaming run")
@@ -80,6 +82,9 @@ def main() -> None:
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     args = p.parse_args()
 
+    wanted = set(args.configs.split(",")) | (set(scenario.LEVER_CONFIGS) if args.levers else set())
+    if unknown := wanted - set(scenario.CONFIGS):
+        raise SystemExit(f"unknown config(s): {', '.join(sorted(unknown))}")
     started = time.monotonic()
     loadgen = args.loadgen if args.loadgen != "auto" else ("wrk" if wrk.available() else "python")
     if loadgen == "wrk" and not wrk.available():
@@ -97,7 +102,7 @@ def main() -> None:
     profile: dict[str, Any] | None = None
     micro: list[tuple[str, float, str]] = []
     try:
-        for name in args.configs.split(","):
+        for name in [n for n in scenario.CONFIGS if n in wanted]:  # envoy-end stays last
             cfg = scenario.CONFIGS[name]
             print(f"{name}: {cfg.about}", flush=True)
             results.extend(scenario.run_config(b, cfg, wls, log=lambda s: print(s, flush=True)))

@@ -32,6 +32,8 @@ class Config:
     settings: tuple[tuple[str, str, Any], ...] = ()
     workloads: tuple[str, ...] = ("json-c1", "json-c10", "sse")
     about: str = ""
+    # lever experiments beyond the default run (make bench stays under 10 minutes): --levers
+    lever: bool = False
 
 
 # sse-x4 (4x the streams) only where it says most (time budget): Envoy alone and the two h2 modes
@@ -48,15 +50,15 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            settings=(("storage", "insert_format", "arrow"), ("batch", "flush_interval_ms", 1000),
                      ("batch", "max_batch_size", 5000)),
            about="lever: as sync-h2 with the storage path before it was changed (events decoded "
-                 "and converted to Arrow in the sidecar, a flush every 1 s / 5000 events)"),
+                 "and converted to Arrow in the sidecar, a flush every 1 s / 5000 events)", lever=True),
     Config("sync-h2-uvloop", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
-           settings=(("grpc", "event_loop", "uvloop"),), about="lever: as sync-h2 on uvloop"),
+           settings=(("grpc", "event_loop", "uvloop"),), about="lever: as sync-h2 on uvloop", lever=True),
     Config("sync-h2-resphdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
            processing_mode=(("response_header_mode", "SEND"),),
            about="lever: as sync-h2 with response headers sent to the sidecar (before: status and "
-                 "content type from them, one more message per request)"),
+                 "content type from them, one more message per request)", lever=True),
     Config("sync-h2-uds", "sidecar", "sync", "h2", uds=True, workloads=("json-c1", "json-c10"),
-           about="as sync-h2, over a Unix socket"),
+           about="as sync-h2, over a Unix socket", lever=True),
     Config("sync-h2-hdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"),
            processing_mode=(("response_header_mode", "SKIP"), ("request_body_mode", "NONE"),
                             ("response_body_mode", "NONE")),
@@ -65,7 +67,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("observe-h2", "sidecar", "observe", "h2", about="observability mode, lean h2 server"),
     Config("observe-h2-resphdrs", "sidecar", "observe", "h2", workloads=("json-c1", "json-c10", "sse"),
            processing_mode=(("response_header_mode", "SEND"),),
-           about="lever: as observe-h2 with response headers sent to the sidecar"),
+           about="lever: as observe-h2 with response headers sent to the sidecar", lever=True),
     Config("observe-grpcio", "sidecar", "observe", "grpcio", workloads=("json-c10", "sse"),
            about="observability mode, grpcio server"),
     Config("hybrid-h2", "sidecar", "hybrid", "h2", workloads=ALL,
@@ -74,7 +76,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            about="hybrid, grpcio server"),
     Config("envoy-end", "envoy", about="Envoy alone again, last: drift over the run"),
 )}
-DEFAULT_CONFIGS = tuple(CONFIGS)
+DEFAULT_CONFIGS = tuple(name for name, c in CONFIGS.items() if not c.lever)
+LEVER_CONFIGS = tuple(name for name, c in CONFIGS.items() if c.lever)
 BASELINES = ("envoy", "envoy-end")
 PAIRED_KEYS = ("rps", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms", "gap_p99_ms", "loadavg")
 

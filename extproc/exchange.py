@@ -198,7 +198,7 @@ class Exchange:
             ev.token_source = TokenSource.NONE
             ev.client_aborted = not self.response_done
             return ev
-        ev.client_aborted = not (self.response_done and p.response_complete)
+        ev.client_aborted = not ((self.response_done and p.response_complete) or p.done_seen)
         if p.first_output_ns:
             ev.time_to_first_token_ns = p.first_output_ns - self.start_mono
         try:

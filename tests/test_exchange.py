@@ -229,3 +229,15 @@ def test_content_type_is_sniffed_from_the_first_chunk(first, kind):
 def test_response_code_attribute_whatever_the_filter_name():
     assert wire.response_code(m.body(b"x", response=True, code=429, filter_name="extproc.response")) == 429
     assert wire.response_code(m.body(b"x", response=True)) is None
+
+
+def test_client_hanging_up_after_done_is_not_an_abort():
+    """The openai SDK closes the connection once it reads [DONE]; Envoy may then reset the
+    ext_proc stream before its end-of-stream message: the client got everything."""
+    ex = _exchange()
+    stream = m.sse(_chunk("Hi", finish="stop"), _chunk(choices=False, usage=USAGE), "[DONE]")
+    _run(ex, [m.request_headers(), m.body(_chat_request(stream=True), eos=True),
+              m.response_headers(), m.body(stream, response=True)])  # no end-of-stream message follows
+    ev = ex.finish()
+    assert not ev.client_aborted and not ex.response_done
+    assert (ev.prompt_tokens, ev.completion_tokens) == (11, 3) and ev.finish_reason == "stop"

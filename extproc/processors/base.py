@@ -84,6 +84,9 @@ class EndpointProcessor:
         self.error = ""
         self.error_detail = ""
         self.response_complete = False
+        # data: [DONE] seen: the stream is over for the client even if Envoy's end-of-stream
+        # never reaches us (clients such as the openai SDK hang up right after it).
+        self.done_seen = False
         self._sse = SSEParser()
         self._body: list[bytes] = []
         self._body_len = 0
@@ -178,6 +181,7 @@ class EndpointProcessor:
     def _on_sse_event(self, data: bytes, now_ns: int) -> bool:
         """Handle one event; return False to drop it from the client's stream."""
         if data == b"[DONE]":
+            self.done_seen = True
             return True
         try:
             obj = orjson.loads(data)

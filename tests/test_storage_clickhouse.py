@@ -219,3 +219,22 @@ async def test_a_store_from_before_migration_0003_upgrades_in_place(tmp_path: Pa
         assert await rows(st, "SELECT count(), uniqExact(event_id), min(start_time) > '2020-01-01' "
                               "FROM usage_events") == [(30, 30, True)]
         assert await rows(st, "SELECT sum(requests) FROM usage_hourly") == [(30,)]
+
+
+@pytest.mark.parametrize("dsn", ["dir", "memory"])
+async def test_protobuf_inserts_leave_nothing_in_the_working_directory(tmp_path: Path, monkeypatch, dsn: str) -> None:
+    """Given an inline schema, the embedded engine caches a copy under the process's working
+    directory; chDB gets it as a file in its data directory (or a temporary one) instead."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    settings = settings_for(tmp_path)
+    if dsn == "memory":
+        settings.storage.dsn = "chdb://memory"
+    payloads = [make_event(i).SerializeToString() for i in range(5)]
+    async with chdb_storage(settings) as st:
+        await asyncio.to_thread(st.writer().write, payloads, batch_token(payloads))
+        assert await rows(st, "SELECT count() FROM usage_events") == [(5,)]
+    assert list(cwd.iterdir()) == []
+    if dsn == "dir":
+        assert (tmp_path / "chdb" / "format_schemas" / "usage_event.proto").is_file()

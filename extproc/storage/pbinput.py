@@ -39,9 +39,8 @@ _SCALAR = {
 
 
 def schema_text() -> str:
-    """UsageEvent as .proto source, rendered from the compiled descriptor (so it cannot drift
-    from what the sidecar serializes) and sent inline with each insert (format_schema_source
-    = 'string'): nothing to install on a ClickHouse server."""
+    """UsageEvent as .proto source, rendered from the compiled descriptor, so it cannot drift
+    from what the sidecar serializes."""
     msg = UsageEvent.DESCRIPTOR
     enums: dict[str, str] = {}
     lines = []
@@ -67,11 +66,19 @@ def schema_text() -> str:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in UsageEvent.DESCRIPTOR.fields)
-SETTINGS: dict[str, str] = {
+SCHEMA = schema_text()
+# A ClickHouse server: the schema inline, nothing to install on it.
+INLINE_SETTINGS: dict[str, str] = {
     "format_schema_source": "string",
-    "format_schema": schema_text(),
+    "format_schema": SCHEMA,
     "format_schema_message_name": UsageEvent.DESCRIPTOR.name,
 }
+
+
+def file_settings(path: str) -> dict[str, str]:
+    """chDB: the schema as a file (absolute path, SCHEMA written there by the caller). Given
+    inline, the embedded engine caches a copy under the process's working directory."""
+    return {"format_schema": f"{path}:{UsageEvent.DESCRIPTOR.name}"}
 _STRINGS = tuple(f.name for f in UsageEvent.DESCRIPTOR.fields if f.type == FieldDescriptor.TYPE_STRING)
 
 

@@ -134,6 +134,7 @@ class ClickHouseWriter:
         max_value_bytes: int = 65_536,
         stats: ColumnStats | None = None,
         insert_format: str = "protobuf",
+        protobuf_settings: dict[str, str] | None = None,
     ) -> None:
         if insert_format not in INSERT_FORMATS:
             raise ValueError(f"insert_format must be one of {INSERT_FORMATS}")
@@ -142,6 +143,8 @@ class ClickHouseWriter:
         self._timeout = timeout
         self._max_value_bytes = max_value_bytes
         self._format = insert_format
+        # how ClickHouse finds the schema (pbinput.INLINE_SETTINGS or file_settings(path))
+        self._protobuf_settings = protobuf_settings or pbinput.INLINE_SETTINGS
         self.stats = stats if stats is not None else ColumnStats()
 
     def prepare(self, payloads: Sequence[bytes]) -> _ProtobufBody | pa.Table:
@@ -165,7 +168,7 @@ class ClickHouseWriter:
             "deduplicate_blocks_in_dependent_materialized_views": 1,
         }
         if isinstance(prepared, _ProtobufBody):
-            settings.update(pbinput.SETTINGS)
+            settings.update(self._protobuf_settings)
             body = prepared.body
 
             def insert(c: Any) -> Any:

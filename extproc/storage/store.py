@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from extproc.config import Settings
+from extproc.storage import pbinput
 from extproc.storage.batcher import BatchProcessor
 from extproc.storage.client import build_client, parse_dsn
 from extproc.storage.columns import ColumnStats
@@ -40,6 +42,7 @@ class Storage:
         self._closed = False
         self.column_stats = ColumnStats()
         self.migrations_applied: list[str] = []
+        self._schema_tmp: tempfile.TemporaryDirectory[str] | None = None  # chdb://memory
 
     # ---- the ClickHouse thread ------------------------------------------------------------
 
@@ -97,7 +100,25 @@ class Storage:
             max_value_bytes=self.settings.storage.max_value_bytes,
             stats=self.column_stats,
             insert_format=self.settings.storage.insert_format,
+            protobuf_settings=self._protobuf_settings(),
         )
+
+    def _protobuf_settings(self) -> dict[str, str] | None:
+        """chDB reads the UsageEvent schema from a file in its data directory (a temporary one
+        for chdb://memory); a server gets it inline (None: the writer's default)."""
+        if self.target.kind != "chdb":
+            return None
+        if self.target.path is not None:
+            directory = Path(self.target.path).resolve() / "format_schemas"
+            directory.mkdir(parents=True, exist_ok=True)
+        else:
+            if self._schema_tmp is None:
+                self._schema_tmp = tempfile.TemporaryDirectory(prefix="extproc-schema-")
+            directory = Path(self._schema_tmp.name)
+        path = directory / "usage_event.proto"
+        if not path.exists() or path.read_text() != pbinput.SCHEMA:
+            path.write_text(pbinput.SCHEMA)
+        return pbinput.file_settings(str(path))
 
     def sink(self) -> BatchProcessor:
         """The EventSink (one per Storage). The caller awaits start() and shutdown()."""
@@ -181,6 +202,8 @@ class Storage:
         self._executor.submit(_close)
         self._executor.shutdown(wait=True)
         self._client = None
+        if self._schema_tmp is not None:
+            self._schema_tmp.cleanup()
 
 
 async def open_storage(settings: Settings) -> Storage:

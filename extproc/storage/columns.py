@@ -63,7 +63,8 @@ def _utf8(value: Any) -> str:
     return _SURROGATES.sub("\ufffd", str(value))  # lone surrogates cannot be encoded
 
 
-def _truncate(value: str, max_bytes: int) -> str:
+def truncate_utf8(value: str, max_bytes: int) -> str:
+    """At most max_bytes of UTF-8, never half a character."""
     return value.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
@@ -81,7 +82,7 @@ def _string_array(name: str, values: list[Any], max_bytes: int, stats: ColumnSta
         values = arr.to_pylist()
         long = [i for i, v in enumerate(values) if len(v.encode("utf-8")) > max_bytes]
         for i in long:
-            values[i] = _truncate(values[i], max_bytes)
+            values[i] = truncate_utf8(values[i], max_bytes)
         stats.values_truncated += len(long)
         log.warning(
             "usage_events.%s: truncated %d value(s) to %d bytes (storage.max_value_bytes)",
@@ -121,7 +122,7 @@ def _labels_array(events: Sequence[UsageEvent], max_bytes: int, stats: ColumnSta
             for k, v in row:
                 if len(k.encode()) > max_bytes or len(v.encode()) > max_bytes:
                     count += 1
-                    k, v = _truncate(k, max_bytes), _truncate(v, max_bytes)
+                    k, v = truncate_utf8(k, max_bytes), truncate_utf8(v, max_bytes)
                 fixed.append((k, v))
             fixed_rows.append(fixed)
         stats.values_truncated += count

@@ -41,18 +41,22 @@ def _batch_class() -> type:
 _Batch = _batch_class()
 
 
-def _frame(payload: bytes) -> bytes:
-    n = len(payload)
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 length prefix."""
     if n < 0x80:
-        return b"\x0a" + bytes((n,)) + payload
+        return bytes((n,))
     if n < 0x4000:
-        return b"\x0a" + bytes(((n & 0x7F) | 0x80, n >> 7)) + payload
-    out = bytearray(b"\x0a")
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
-    return bytes(out) + payload
+    return bytes(out)
+
+
+def _frame(payload: bytes) -> bytes:
+    return b"\x0a" + varint(len(payload)) + payload  # field 1, length-delimited
 
 
 def batch_parses(payloads: Sequence[bytes]) -> bool:

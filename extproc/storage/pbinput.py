@@ -22,8 +22,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from extproc.events import TokenSource, UsageEvent, token_source_name
-from extproc.storage.columns import ColumnStats
-from extproc.storage.decode import batch_parses
+from extproc.storage.columns import ColumnStats, truncate_utf8
+from extproc.storage.decode import batch_parses, varint
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +82,20 @@ def file_settings(path: str) -> dict[str, str]:
 _STRINGS = tuple(f.name for f in UsageEvent.DESCRIPTOR.fields if f.type == FieldDescriptor.TYPE_STRING)
 
 
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    if n < 0x4000:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _truncate(value: str, max_bytes: int) -> str:
-    return value.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
-
-
 def _shorten(payload: bytes, max_bytes: int, counts: Counter[str]) -> bytes:
     event = UsageEvent.FromString(payload)
     changed = False
     for name in _STRINGS:
         value = getattr(event, name)
         if len(value) * 4 > max_bytes and len(value.encode("utf-8")) > max_bytes:
-            setattr(event, name, _truncate(value, max_bytes))
+            setattr(event, name, truncate_utf8(value, max_bytes))
             counts[name] += 1
             changed = True
     long = [k for k in event.labels
             if len(k.encode("utf-8")) > max_bytes or len(event.labels[k].encode("utf-8")) > max_bytes]
     for k in long:
         value = event.labels.pop(k)
-        event.labels[_truncate(k, max_bytes)] = _truncate(value, max_bytes)
+        event.labels[truncate_utf8(k, max_bytes)] = truncate_utf8(value, max_bytes)
         counts["labels"] += 1
         changed = True
     return event.SerializeToString() if changed else payload
@@ -129,7 +112,7 @@ def encode(payloads: Sequence[bytes], max_value_bytes: int, stats: ColumnStats) 
     for p in payloads:
         if len(p) > max_value_bytes:
             p = _shorten(p, max_value_bytes, counts)
-        add(_varint(len(p)))
+        add(varint(len(p)))
         add(p)
     for name, n in counts.items():
         stats.values_truncated += n

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -26,6 +26,15 @@ from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 
 log = logging.getLogger(__name__)
+
+
+def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop grpc.event_loop asks for (uvloop: the optional extra)."""
+    if settings.grpc.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 class Sidecar:

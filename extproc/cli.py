@@ -64,16 +64,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.app import Sidecar
+    from extproc.app import Sidecar, loop_factory
 
     settings = _settings(args)
     _setup_logging(settings.log_level)
-    if settings.grpc.event_loop == "uvloop":
-        import uvloop
-
-        uvloop.run(Sidecar(settings).run_until_signal())
-    else:
-        asyncio.run(Sidecar(settings).run_until_signal())
+    with asyncio.Runner(loop_factory=loop_factory(settings)) as runner:
+        runner.run(Sidecar(settings).run_until_signal())
     return 0
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from extproc.app import Sidecar
+from extproc.app import Sidecar, loop_factory
 from extproc.config import Settings, load_settings
 from extproc.devstack import ManagedProcess, envoy_process, free_port, python_cli
 from extproc.envoy_config import EnvoyOptions
@@ -54,12 +54,7 @@ def wait_events(rec: RecordingSink, user: str, count: int, timeout: float = 10.0
 class ThreadedSidecar:
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self.sidecar = Sidecar(settings, **kwargs)
-        if settings.grpc.event_loop == "uvloop":
-            import uvloop
-
-            self.loop = uvloop.new_event_loop()
-        else:
-            self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory(settings)()
         self._thread = threading.Thread(target=self.loop.run_forever, name="sidecar", daemon=True)
 
     def start(self) -> ThreadedSidecar:

@@ -141,7 +141,6 @@ def start_upstream(workdir: Path, body: bytes, content_type: str = "application/
 
 
 def start_envoy(workdir: Path, upstream_port: int, *, extproc_address: str = "", mode: str = "sync",
-                request_headers: str = "message",
                 processing_mode: dict[str, str] | None = None) -> tuple[Proc, int, int]:
     """Envoy --concurrency 1; with_extproc when an address is given; `processing_mode` overrides
     fields of the ext_proc filter's processing_mode (lever experiments). Returns (proc, listener,
@@ -149,7 +148,7 @@ def start_envoy(workdir: Path, upstream_port: int, *, extproc_address: str = "",
     listen, admin = free_port(), free_port()
     opts = EnvoyOptions(upstream=f"http://127.0.0.1:{upstream_port}", listen_port=listen, admin_port=admin,
                         extproc_address=extproc_address or "127.0.0.1:1", mode=mode,
-                        request_headers=request_headers, with_extproc=bool(extproc_address))
+                        with_extproc=bool(extproc_address))
     mp = envoy_process(opts, workdir, concurrency=1)
     if processing_mode:
         bootstrap = render(opts)

@@ -25,7 +25,6 @@ class Config:
     mode: str = "sync"  # sidecar: sync | observe (observability mode) | hybrid (sync request, observed response)
     transport: str = ""  # sidecar: grpcio | h2
     uds: bool = False  # Envoy -> sidecar over a Unix socket
-    request_headers: str = "message"  # message | attributes (EnvoyOptions.request_headers)
     json_upstream: str = "fixed"  # fixed | sim
     # overrides of Envoy's ext_proc processing_mode (lever experiments, not full metering)
     processing_mode: tuple[tuple[str, str], ...] = ()
@@ -65,12 +64,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
                             ("response_body_mode", "NONE")),
            about="lever: request headers only, 1 message/request (what a synchronous budget check "
                  "costs; NOT full metering: no tokens, events flagged client_aborted)"),
-    Config("sync-h2-attrs", "sidecar", "sync", "h2", request_headers="attributes", workloads=ALL,
-           about="as sync-h2 with request_headers=attributes: no request headers message, the labels "
-                 "ride on the (synchronous) request body message"),
     Config("observe-h2", "sidecar", "observe", "h2", about="observability mode, lean h2 server"),
-    Config("observe-h2-attrs", "sidecar", "observe", "h2", request_headers="attributes",
-           about="as observe-h2 with request_headers=attributes"),
     Config("observe-h2-resphdrs", "sidecar", "observe", "h2", workloads=("json-c1", "json-c10", "sse"),
            processing_mode=(("response_header_mode", "SEND"),),
            about="lever: as observe-h2 with response headers sent to the sidecar", lever=True),
@@ -170,7 +164,7 @@ def run_workload(b: Bench, cfg: Config, wl: Workload, sidecar: Sidecar | None) -
     if cfg.kind != "direct":
         envoy, port, admin = procs.start_envoy(
             b.workdir, up_port, extproc_address=sidecar.address if sidecar else "", mode=cfg.mode,
-            request_headers=cfg.request_headers, processing_mode=dict(cfg.processing_mode))
+            processing_mode=dict(cfg.processing_mode))
     load = _sse_load if wl.stream else _json_load
     try:
         first = sidecar.stats() if sidecar is not None else {}

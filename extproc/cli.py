@@ -93,8 +93,7 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
     sim_args = ["--tokens-per-second", str(args.tokens_per_second)]
     serve_args = ["--transport", args.transport] if args.transport else []
     return DevStack(ports=ports, data_dir=args.data_dir, upstream=args.upstream, mode=args.mode,
-                    request_headers=args.request_headers, config=args.config, sim_args=sim_args,
-                    serve_args=serve_args)
+                    config=args.config, sim_args=sim_args, serve_args=serve_args)
 
 
 def _wait_for_signal() -> None:
@@ -213,17 +212,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from extproc.envoy_config import EnvoyOptions, render_yaml
 
-    try:
-        text = render_yaml(EnvoyOptions(
-            upstream=args.upstream, listen_host=args.listen_host, listen_port=args.port,
-            admin_port=args.envoy_admin_port, extproc_address=args.extproc, mode=args.mode,
-            request_headers=args.request_headers,
-            label_headers=tuple(load_settings(args.config).attribution.headers),
-        ))
-    except ValueError as exc:
-        print(f"extproc envoy-config: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(text)
+    sys.stdout.write(render_yaml(EnvoyOptions(
+        upstream=args.upstream, listen_host=args.listen_host, listen_port=args.port,
+        admin_port=args.envoy_admin_port, extproc_address=args.extproc, mode=args.mode,
+    )))
     return 0
 
 
@@ -247,15 +239,8 @@ def _stack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-port", type=int, default=8000)
     p.add_argument("--data-dir", default="./.extproc/data")
     p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
-    _request_headers_flag(p)
     p.add_argument("--tokens-per-second", type=float, default=200.0, help="simulator speed")
     p.add_argument("--transport", choices=("grpcio", "h2"), help="sidecar gRPC server (grpc.transport)")
-
-
-def _request_headers_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--request-headers", choices=("message", "attributes"), default="message",
-                   help="attributes: no request headers message; what the sidecar reads of them rides on "
-                        "the request body message (one synchronous round trip fewer; sync and observe modes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,8 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--extproc", default="127.0.0.1:50051", help="sidecar address host:port or unix:/path")
     p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
-    _request_headers_flag(p)
-    p.add_argument("--config", help="sidecar settings whose attribution headers Envoy lists in attributes mode")
     p.set_defaults(func=cmd_envoy_config)
     return parser
 

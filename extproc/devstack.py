@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extproc.config import load_settings
 from extproc.envoy_config import EnvoyOptions, render_yaml
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,6 @@ class DevStack:
     data_dir: str = "./.extproc/data"
     upstream: str | None = None
     mode: str = "sync"
-    request_headers: str = "message"
     config: str | None = None
     sim_args: Sequence[str] = ()
     serve_args: Sequence[str] = ()
@@ -164,8 +162,7 @@ class DevStack:
                                        log_path=self.workdir / "sidecar.log"))
             self._start(envoy_process(EnvoyOptions(
                 upstream=upstream, listen_port=p.listener, admin_port=p.envoy_admin,
-                extproc_address=f"127.0.0.1:{p.grpc}", mode=self.mode, request_headers=self.request_headers,
-                label_headers=tuple(load_settings(self.config).attribution.headers)), self.workdir))
+                extproc_address=f"127.0.0.1:{p.grpc}", mode=self.mode), self.workdir))
         except Exception:
             self.stop()
             raise

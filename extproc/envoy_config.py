@@ -7,11 +7,6 @@ The choices that matter, and why:
 - response headers SKIP: one message (and round trip) less per request. The status arrives as
   the response.code attribute with the first body message; the body shows SSE or JSON.
 - allow_mode_override: requests we do not meter skip body processing entirely.
-- request_headers "attributes" (sync and observe): no request headers message. What the sidecar
-  reads of them (method, path, request id, label headers) rides as CEL attributes on the first
-  request body message, so the request path costs one synchronous round trip instead of two.
-  The price: requests without a body (GET /v1/models) reach the sidecar only with their
-  response, unlabelled and unmetered, and the Envoy config must list the label headers.
 - failure_mode_allow: a sidecar outage must not take inference down. Lost metering is not
   hidden: Envoy counts it (ext_proc streams_failed / failure_mode_allowed stats) and so do we.
 - message_timeout: 1 s rather than the 200 ms default, so a GC pause or a burst on a shared
@@ -34,10 +29,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from extproc.config import DEFAULT_LABEL_HEADERS, HEADER_NAME
-
 MODES = ("sync", "observe", "hybrid")
-REQUEST_HEADERS = ("message", "attributes")
 ROLE_METADATA = "x-extproc-role"
 
 
@@ -54,15 +46,6 @@ class EnvoyOptions:
     message_timeout_ms: int = 1000
     failure_mode_allow: bool = True
     route_timeout_s: int = 600
-    request_headers: str = "message"
-    label_headers: tuple[str, ...] = tuple(DEFAULT_LABEL_HEADERS)
-
-
-def request_attribute_names(label_headers: tuple[str, ...]) -> list[str]:
-    """CEL expressions Envoy evaluates for the first request message in "attributes" mode; the
-    sidecar maps each back to the header it stands for (extproc.wire.request_attributes)."""
-    return ["request.method", "request.path", "request.id",
-            *(f"request.headers['{h}']" for h in label_headers)]
 
 
 def _socket_address(address: str) -> dict[str, Any]:
@@ -107,7 +90,6 @@ def _ext_proc_config(opts: EnvoyOptions, *, observe: bool, request: bool, respon
     grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "30s"}
     if role:
         grpc_service["initial_metadata"] = [{"key": ROLE_METADATA, "value": role}]
-    by_attributes = opts.request_headers == "attributes" and request
     cfg: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": grpc_service,
@@ -115,7 +97,7 @@ def _ext_proc_config(opts: EnvoyOptions, *, observe: bool, request: bool, respon
         "allow_mode_override": True,
         "message_timeout": f"{opts.message_timeout_ms / 1000:g}s",
         "processing_mode": {
-            "request_header_mode": "SKIP" if by_attributes else "SEND",
+            "request_header_mode": "SEND",
             # Response headers cost a message (a round trip when synchronous) and tell us only
             # the status, which comes as an attribute with the first body message instead, and
             # the content type, which the body shows (SSE or JSON).
@@ -127,8 +109,6 @@ def _ext_proc_config(opts: EnvoyOptions, *, observe: bool, request: bool, respon
             "response_trailer_mode": "SKIP",
         },
     }
-    if by_attributes:
-        cfg["request_attributes"] = request_attribute_names(opts.label_headers)
     if response:
         cfg["response_attributes"] = ["response.code"]
     if observe:
@@ -153,14 +133,6 @@ def _ext_proc_filters(opts: EnvoyOptions) -> list[dict[str, Any]]:
 def render(opts: EnvoyOptions) -> dict[str, Any]:
     if opts.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    if opts.request_headers not in REQUEST_HEADERS:
-        raise ValueError(f"request_headers must be one of {REQUEST_HEADERS}")
-    if opts.request_headers == "attributes" and opts.mode == "hybrid":
-        raise ValueError("hybrid mode pairs its two streams through a request header it adds: "
-                         "it needs request_headers=message")
-    for h in opts.label_headers:
-        if not HEADER_NAME.fullmatch(h):
-            raise ValueError(f"label header {h!r} is not a lower-case HTTP header name")
     filters = _ext_proc_filters(opts) if opts.with_extproc else []
     filters.append({
         "name": "envoy.filters.http.router",

@@ -87,11 +87,7 @@ class Exchange:
         return wire.continue_response(kind)
 
     def _on_request_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
-        return self.start_request(wire.decode_headers(msg.headers, self._request_headers), msg.end_of_stream)
-
-    def start_request(self, headers: dict[str, str], end_of_stream: bool) -> wire.ProcessingResponse:
-        """What the request headers tell: endpoint, request id, labels. From the headers message,
-        or from the attributes on the first request body message ("attributes" mode)."""
+        headers = wire.decode_headers(msg.headers, self._request_headers)
         ev = self.event
         ev.method = headers.get(":method", "")
         ev.path = headers.get(":path", "")
@@ -106,7 +102,7 @@ class Exchange:
                 return wire.skip_bodies_response(response_headers=False)
             self._stats.unmetered_requests += 1
             return wire.skip_bodies_response()
-        if end_of_stream:
+        if msg.end_of_stream:
             self.processor.error = "empty_request_body"
             self.processor.error_detail = "request has no body"
             self.request_done = True

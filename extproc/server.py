@@ -138,8 +138,6 @@ class StreamSession:
                 return None if observe else wire.continue_response(kind)
         exchange = self.exchange
         exchange.observe = observe
-        if not exchange.event.path and kind != wire.REQUEST_HEADERS:
-            self._start_without_headers(kind, req)
         if kind == wire.RESPONSE_BODY and not exchange.response_started:
             exchange.response_code = wire.response_code(req)
         try:
@@ -153,23 +151,6 @@ class StreamSession:
             # Before answering: the response stream starts once Envoy has our answer.
             service.pending[exchange.correlation_id] = (time.monotonic(), exchange)
         return None if observe else resp
-
-    def _start_without_headers(self, kind: str, req: wire.ProcessingRequest) -> None:
-        """No request headers message came ("attributes" mode): the first request body message
-        carries what they would have told. A response with no request before it belongs to a
-        request without a body, which Envoy then never showed us: counted, not metered."""
-        exchange = self.exchange
-        if kind == wire.REQUEST_BODY:
-            headers = wire.request_attributes(req)
-            if headers is not None:
-                try:
-                    exchange.start_request(headers, end_of_stream=False)
-                except Exception as exc:
-                    self._service.stats.errors["request_attributes"] += 1
-                    log.exception("reading request attributes of request %s", headers.get("x-request-id", ""))
-                    exchange.flag_internal_error("request_attributes", exc)
-        elif kind == wire.RESPONSE_BODY and not exchange.response_started and exchange.processor is None:
-            self._service.stats.unmetered_requests += 1
 
     def close(self) -> None:
         if self._closed:

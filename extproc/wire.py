@@ -67,32 +67,6 @@ def response_code(req: ProcessingRequest) -> int | None:
     return None
 
 
-# "attributes" mode (extproc.envoy_config.request_attribute_names): attribute -> the header it is.
-_ATTRIBUTE_HEADERS = {"request.method": ":method", "request.path": ":path", "request.id": "x-request-id"}
-_HEADER_ATTRIBUTE = "request.headers['"
-
-
-def request_attributes(req: ProcessingRequest) -> dict[str, str] | None:
-    """The request headers Envoy attached as attributes to the first request body message when
-    the headers message is skipped, keyed like headers; None when there are none. A label header
-    the request lacks is absent, as it would be from the headers."""
-    for attrs in req.attributes.values():  # keyed by filter name
-        fields = attrs.fields
-        if "request.path" not in fields:
-            continue
-        out: dict[str, str] = {}
-        for key, value in fields.items():
-            if value.WhichOneof("kind") != "string_value":
-                continue
-            name = _ATTRIBUTE_HEADERS.get(key)
-            if name is None and key.startswith(_HEADER_ATTRIBUTE) and key.endswith("']"):
-                name = key[len(_HEADER_ATTRIBUTE):-2]
-            if name is not None:
-                out[name] = value.string_value
-        return out
-    return None
-
-
 def skip_bodies_response(response_headers: bool = True) -> ProcessingResponse:
     """Answer request headers and tell Envoy to send no bodies for this request (needs
     allow_mode_override); response headers still come, for the status, unless this filter

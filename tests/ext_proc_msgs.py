@@ -25,21 +25,6 @@ def body(data: bytes, *, response: bool = False, eos: bool = False, code: int | 
     return req
 
 
-def attributed_body(data: bytes, *, eos: bool = True, path: str = "/v1/chat/completions", method: str = "POST",
-                    request_id: str = "rid-1", filter_name: str = "envoy.filters.http.ext_proc",
-                    **labels: str) -> pb.ProcessingRequest:
-    """A first request body message as Envoy sends it in "attributes" mode: no headers message
-    before it, the headers the sidecar reads attached as CEL attributes."""
-    req = body(data, eos=eos)
-    fields = req.attributes[filter_name].fields
-    fields["request.method"].string_value = method
-    fields["request.path"].string_value = path
-    fields["request.id"].string_value = request_id
-    for k, v in labels.items():
-        fields[f"request.headers['{k.replace('_', '-')}']"].string_value = v
-    return req
-
-
 def request_headers(path: str = "/v1/chat/completions", method: str = "POST", **extra: str) -> pb.ProcessingRequest:
     pairs = {":method": method, ":path": path, ":authority": "test", "x-request-id": "rid-1"}
     pairs.update({k.replace("_", "-"): v for k, v in extra.items()})

@@ -96,19 +96,6 @@ def test_envoy_config_command_renders_valid_yaml():
     assert out.returncode == 0 and "ext_proc" in out.stdout and "/run/extproc.sock" in out.stdout
 
 
-def test_envoy_config_attributes_mode_lists_the_configured_label_headers(tmp_path):
-    cfg = tmp_path / "extproc.yaml"
-    cfg.write_text("attribution:\n  headers:\n    x-cost-center: cost_center\n")
-    out = _cli("envoy-config", "--request-headers", "attributes", "--config", str(cfg))
-    assert out.returncode == 0, out.stderr
-    assert "request.headers['x-cost-center']" in out.stdout and "request_header_mode: SKIP" in out.stdout
-    out = _cli("envoy-config", "--request-headers", "attributes", "--mode", "hybrid")
-    assert out.returncode == 2 and "hybrid" in out.stderr and "Traceback" not in out.stderr
-    cfg.write_text("attribution:\n  headers:\n    \"x-team'\": team\n")
-    out = _cli("envoy-config", "--request-headers", "attributes", "--config", str(cfg))
-    assert out.returncode == 2 and "header name" in out.stderr and "Traceback" not in out.stderr
-
-
 def test_report_arguments_are_checked_with_a_clear_message(tmp_path):
     nowhere = f"http://127.0.0.1:{free_port()}"
     out = _cli("report", "--by", "team,nonsense", "--data-dir", str(tmp_path / "d"), "--admin-url", nowhere)

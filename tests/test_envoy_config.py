@@ -28,8 +28,6 @@ RENDERED = {
     "https-upstream": EnvoyOptions(upstream="https://vllm.example.internal"),
     "no-extproc": EnvoyOptions(with_extproc=False),
     "hybrid": EnvoyOptions(mode="hybrid"),
-    "sync-attributes": EnvoyOptions(request_headers="attributes", label_headers=("x-team", "x-cost-center")),
-    "observe-attributes": EnvoyOptions(mode="observe", request_headers="attributes"),
 }
 
 
@@ -107,24 +105,3 @@ def test_hybrid_has_a_sync_request_filter_and_an_observing_response_filter():
     assert resp.processing_mode.response_body_mode.name == "STREAMED"
     roles = [f.grpc_service.initial_metadata[0].value for f in (req, resp)]
     assert roles == ["request", "response"]
-
-
-def test_attributes_mode_skips_request_headers_and_lists_what_the_sidecar_reads():
-    _, filters = _ext_proc(render_yaml(EnvoyOptions(request_headers="attributes",
-                                                    label_headers=("x-team", "x-cost-center"))))
-    ext = filters[0]
-    assert ext.processing_mode.request_header_mode.name == "SKIP"
-    assert ext.processing_mode.request_body_mode.name == "BUFFERED"
-    assert list(ext.request_attributes) == ["request.method", "request.path", "request.id",
-                                            "request.headers['x-team']", "request.headers['x-cost-center']"]
-
-
-@pytest.mark.parametrize("opts, match", [
-    (EnvoyOptions(mode="hybrid", request_headers="attributes"), "hybrid"),
-    (EnvoyOptions(request_headers="attribute"), "request_headers"),
-    (EnvoyOptions(request_headers="attributes", label_headers=("x-team']",)), "header name"),
-    (EnvoyOptions(label_headers=("X-Team",)), "header name"),
-])
-def test_bad_request_header_options_are_refused(opts, match):
-    with pytest.raises(ValueError, match=match):
-        render_yaml(opts)

@@ -93,42 +93,6 @@ async def test_response_headers_skipped_without_the_attribute_is_read_from_the_b
     assert ev.http_status == 0 and ev.completion_tokens == 2 and ev.token_source == 1
 
 
-async def test_attributes_mode_one_request_message_carries_the_headers(served):
-    """request_headers=attributes: no headers message; the labels, path and request id come as
-    attributes of the first request body message, which is answered (and rewritten) as usual."""
-    service, rec, stub = served
-    out = await _call(stub, [m.attributed_body(CHAT, x_team="a", x_feature="search", request_id="rid-7"),
-                             m.body(STREAM, response=True, eos=True, code=200)])
-    assert [r.WhichOneof("response") for r in out] == ["request_body", "response_body"]
-    assert b"include_usage" in out[0].request_body.response.body_mutation.body
-    (ev,) = rec.events
-    assert (ev.path, ev.method, ev.request_id, ev.endpoint) == ("/v1/chat/completions", "POST", "rid-7", "chat")
-    assert ev.labels["team"] == "a" and ev.labels["feature"] == "search" and ev.labels["user"] == "unattributed"
-    assert ev.prompt_tokens == 4 and ev.completion_tokens == 2 and ev.http_status == 200 and ev.metered
-
-
-async def test_attributes_mode_streamed_request_body_reads_the_first_message_only(served):
-    """Observability mode streams the request body: attributes ride on the first piece only."""
-    service, rec, stub = served
-    await _call(stub, [m.attributed_body(CHAT[:10], eos=False, x_team="a"), m.body(CHAT[10:], eos=True),
-                       m.body(STREAM, response=True, eos=True, code=200)], observe=True)
-    (ev,) = rec.events
-    assert ev.labels["team"] == "a" and ev.prompt_tokens == 4 and not ev.error
-
-
-async def test_attributes_mode_unmetered_path_and_bodiless_request_are_counted(served):
-    service, rec, stub = served
-    await _call(stub, [m.attributed_body(b"{}", path="/v1/other", x_team="a"),
-                       m.body(b"{}", response=True, eos=True, code=200)])
-    (ev,) = rec.events
-    assert ev.endpoint == "unknown" and not ev.metered and ev.labels["team"] == "a"
-    assert service.stats.unmetered_requests == 1
-    # A GET has no body: Envoy shows us only its response, which cannot be attributed.
-    out = await _call(stub, [m.body(b'{"data": []}', response=True, code=200), m.body(b"", response=True, eos=True)])
-    assert len(out) == 2 and len(rec.events) == 1
-    assert service.stats.unmetered_requests == 2
-
-
 async def test_hybrid_request_and_response_streams_make_one_event(served):
     service, rec, stub = served
     req_side = await _call(stub, [m.request_headers(x_team="hy"), m.body(CHAT, eos=True)], role="request")

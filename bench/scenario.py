@@ -140,8 +140,19 @@ def _mark(sidecar: Sidecar | None, envoy: Proc | None) -> Mark:
     return m
 
 
+# What the openai Python SDK (3.57) sends besides host, content-type and content-length: real
+# clients carry a dozen headers the sidecar never reads, and Envoy forwards them all by default.
+SDK_HEADERS = {
+    "accept-encoding": "gzip, deflate, zstd", "authorization": "Bearer sk-bench-0123456789abcdef",
+    "accept": "application/json", "user-agent": "OpenAI/Python 3.57.0", "x-stainless-lang": "python",
+    "x-stainless-package-version": "3.57.0", "x-stainless-os": "Linux", "x-stainless-arch": "x64",
+    "x-stainless-runtime": "CPython", "x-stainless-runtime-version": "3.11.7", "x-stainless-async": "false",
+    "x-stainless-retry-count": "0", "x-stainless-read-timeout": "600",
+}
+
+
 def _json_load(b: Bench, port: int, team: str, wl: Workload, seconds: float) -> loadgen.LoadResult:
-    headers = {"x-team": team, "x-feature": "bench"}
+    headers = {**SDK_HEADERS, "x-team": team, "x-feature": "bench"}
     if b.loadgen == "wrk":
         return wrk.run(port, CHAT, b.json_body, headers, wl.concurrency, seconds, str(b.workdir / "wrk.lua"))
     data = loadgen.post_request(port, CHAT, b.json_body, headers)
@@ -149,7 +160,7 @@ def _json_load(b: Bench, port: int, team: str, wl: Workload, seconds: float) -> 
 
 
 def _sse_load(b: Bench, port: int, team: str, wl: Workload, seconds: float) -> loadgen.StreamResult:
-    data = loadgen.post_request(port, CHAT, b.sse_body, {"x-team": team, "x-feature": "bench"})
+    data = loadgen.post_request(port, CHAT, b.sse_body, {**SDK_HEADERS, "x-team": team, "x-feature": "bench"})
     return asyncio.run(loadgen.sse_load(port, data, wl.max_requests, wl.concurrency, seconds))
 
 

@@ -3,8 +3,10 @@ issue 5 could save, next to what `bench.run` measures end to end.
 
     python -m bench.micro [--n 20000]
 
-- exchange.json: the 4 messages of a non-streaming chat request through Exchange (protobuf
-  parse of what Envoy sends + handling + response serialization), and the event built at the end
+- exchange.json: the 4 messages Envoy sends for a non-streaming chat request (request headers
+  as the openai SDK sends them, request body, response body with the response.code attribute,
+  end of body) through a stream session (protobuf parse + handling + response serialization),
+  and the event built and emitted at the end
 - exchange.sse: one SSE event (one body message, as Envoy sends them at a token rate)
 - sse.scan (lever): a bytes scan of the same events for what metering needs (usage, output text
   bytes) instead of orjson.loads + dict walks per chunk
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import orjson
 
+from bench.scenario import SDK_HEADERS
 from extproc import wire
 from extproc.config import Settings
-from extproc.exchange import Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
+from extproc.server import ExtProcService, StreamSession
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 
@@ -44,15 +47,17 @@ def _headers(pairs: dict[str, str], response: bool = False, eos: bool = False) -
     return msg.SerializeToString()
 
 
-def _body(data: bytes, response: bool = False, eos: bool = False) -> bytes:
+def _body(data: bytes, response: bool = False, eos: bool = False, code: int | None = None) -> bytes:
     b = pb.HttpBody(body=data, end_of_stream=eos)
     msg = pb.ProcessingRequest(response_body=b) if response else pb.ProcessingRequest(request_body=b)
+    if code is not None:  # Envoy attaches it to the first response body message
+        msg.attributes["envoy.filters.http.ext_proc"].fields["response.code"].number_value = code
     return msg.SerializeToString()
 
 
 REQ_HEADERS = {":method": "POST", ":path": "/v1/chat/completions", ":authority": "127.0.0.1:10000",
                ":scheme": "http", "content-type": "application/json", "content-length": "120",
-               "x-team": "bench", "x-feature": "bench", "user-agent": "wrk", "x-forwarded-proto": "http",
+               **SDK_HEADERS, "x-team": "bench", "x-feature": "bench", "x-forwarded-proto": "http",
                "x-request-id": "0d7c1f5e-2b61-4a39-9a43-7d0f4b8f3c11"}
 
 
@@ -64,10 +69,8 @@ def json_messages() -> list[bytes]:
                                                               "tokens invoice ledger stream"},
                                       "finish_reason": "length"}],
                          "usage": {"prompt_tokens": 12, "total_tokens": 28, "completion_tokens": 16}})
-    return [_headers(REQ_HEADERS), _body(req, eos=True),
-            _headers({":status": "200", "content-type": "application/json", "content-length": str(len(resp))},
-                     response=True),
-            _body(resp, response=True, eos=True)]
+    return [_headers(REQ_HEADERS), _body(req, eos=True), _body(resp, response=True, code=200),
+            _body(b"", response=True, eos=True)]
 
 
 def sse_events(tokens: int = 64) -> list[bytes]:
@@ -102,20 +105,29 @@ class _Null:
         pass
 
 
-def _exchange_factory() -> Callable[[], Exchange]:
+class _Last:
+    def __init__(self) -> None:
+        self.event: object = None
+
+    def emit(self, event: object) -> None:
+        self.event = event
+
+
+def _session_factory() -> tuple[Callable[[], StreamSession], _Last]:
     stats = SidecarStats()
-    attribution = Attribution(Settings().attribution, stats)
-    ctx = ProcessorContext(TokenizerRegistry())
-    return lambda: Exchange(attribution, ctx, stats)
+    last = _Last()
+    service = ExtProcService(Attribution(Settings().attribution, stats), ProcessorContext(TokenizerRegistry()),
+                             [last], stats)
+    return service.open_stream, last
 
 
-def run_exchange(new: Callable[[], Exchange], messages: list[bytes]) -> object:
-    ex = new()
+def run_exchange(new: Callable[[], StreamSession], messages: list[bytes]) -> None:
+    session = new()
     for raw in messages:
-        req = pb.ProcessingRequest.FromString(raw)
-        kind = req.WhichOneof("request")
-        ex.handle(kind, getattr(req, kind)).SerializeToString()
-    return ex.finish()
+        resp = session.on_message(pb.ProcessingRequest.FromString(raw))
+        if resp is not None:
+            resp.SerializeToString()
+    session.close()
 
 
 def scan_event(data: bytes, state: list[int]) -> None:
@@ -131,15 +143,15 @@ def scan_event(data: bytes, state: list[int]) -> None:
 
 def measure(n: int) -> list[tuple[str, float, str]]:
     """(what, µs, per what) rows."""
-    new = _exchange_factory()
+    new, last = _session_factory()
     msgs = json_messages()
     events = sse_events()
     # SSE stream: request headers/body as in the JSON case, then one body message per event
     stream_req = orjson.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    sse_msgs = [msgs[0], _body(stream_req, eos=True),
-                _headers({":status": "200", "content-type": "text/event-stream"}, response=True),
-                *(_body(e, response=True) for e in events), _body(b"", response=True, eos=True)]
-    event = run_exchange(new, msgs)
+    sse_msgs = [msgs[0], _body(stream_req, eos=True), _body(events[0], response=True, code=200),
+                *(_body(e, response=True) for e in events[1:]), _body(b"", response=True, eos=True)]
+    run_exchange(new, msgs)
+    event = last.event
     rows: list[tuple[str, float, str]] = [
         ("exchange.json (4 msgs + event)", timeit(lambda: run_exchange(new, msgs), n), "per request"),
         ("exchange.sse (whole stream)", timeit(lambda: run_exchange(new, sse_msgs), n // 20) / len(events),

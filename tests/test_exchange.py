@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc import wire
 from extproc.config import AttributionSettings
@@ -11,9 +13,13 @@ from extproc.events import TokenSource
 from extproc.exchange import Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
+from extproc.server import ExtProcService
 from extproc.stats import SidecarStats
+from extproc.storage import pbinput
+from extproc.storage.columns import ColumnStats
 from extproc.tokenizers import TokenizerRegistry
 from tests import ext_proc_msgs as m
+from tests.stack import RecordingSink
 
 TOKENIZERS = TokenizerRegistry()
 
@@ -241,3 +247,55 @@ def test_client_hanging_up_after_done_is_not_an_abort():
     ev = ex.finish()
     assert not ev.client_aborted and not ex.response_done
     assert (ev.prompt_tokens, ev.completion_tokens) == (11, 3) and ev.finish_reason == "stop"
+
+
+# --- any sequence Envoy (or a broken peer) could send ---------------------------------------
+
+_BODIES = st.one_of(
+    st.sampled_from([_chat_request(stream=True), _chat_request(), _chat_request(stream=True, n=2),
+                     orjson.dumps({"model": "m", "input": ["a", "b"]}), orjson.dumps({"prompt": "x", "model": "m"}),
+                     b"data: " + _chunk("yo") + b"\n\n", b"data: " + _chunk(usage=USAGE, choices=False) + b"\n\n",
+                     b"data: [DONE]\n\n", orjson.dumps({"choices": [{"message": {"content": "x"}}], "usage": USAGE}),
+                     b'{"object":"error","message":"bad","code":400}', b"\xff\xfe", b"data: {\"choices\": 7}\n\n",
+                     b"", b"[]", b"null", b'{"usage": {"prompt_tokens": -5, "completion_tokens": 1e300}}']),
+    st.binary(max_size=64),
+)
+_PATHS = st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/x", ""])
+_MESSAGES = st.one_of(
+    st.builds(lambda path, method, team, eos: m.headers({":method": method, ":path": path, "x-team": team,
+                                                        "x-request-id": "r"}, eos=eos),
+              _PATHS, st.sampled_from(["POST", "GET", ""]), st.text(max_size=12), st.booleans()),
+    st.builds(lambda body, eos: m.body(body, eos=eos), _BODIES, st.booleans()),
+    st.builds(lambda body, eos, code: m.body(body, response=True, eos=eos, code=code),
+              _BODIES, st.booleans(), st.none() | st.integers(0, 999)),
+    st.builds(lambda status, ct, eos: m.headers({":status": status, "content-type": ct}, response=True, eos=eos),
+              st.sampled_from(["200", "500", "abc", ""]), st.sampled_from(["text/event-stream", "application/json", ""]),
+              st.booleans()),
+    st.just(wire.ProcessingRequest()),  # no oneof set
+    st.just(wire.ProcessingRequest(request_trailers=wire.pb.HttpTrailers())),
+    st.just(wire.ProcessingRequest(response_trailers=wire.pb.HttpTrailers())),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(msgs=st.lists(_MESSAGES, max_size=12), observe=st.booleans(),
+       role=st.sampled_from(["", "", "request", "response"]))
+def test_any_message_sequence_is_answered_in_kind_and_yields_at_most_one_storable_event(msgs, observe, role):
+    stats, rec = SidecarStats(), RecordingSink()
+    service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TOKENIZERS), [rec], stats)
+    session = service.open_stream((("x-extproc-role", role),) if role else ())
+    for msg in msgs:
+        msg.observability_mode = observe
+        resp = session.on_message(msg)
+        kind = msg.WhichOneof("request")
+        if observe or kind is None:
+            assert resp is None
+        else:  # Envoy fails the stream on an answer of another kind
+            assert resp is not None and resp.WhichOneof("response") == kind
+    session.close()
+    session.close()
+    service.sweep_pending(max_age_s=-1)  # hybrid request streams hand over, or are swept
+    assert len(rec.events) <= 1 and stats.events_emitted == len(rec.events)
+    for ev in rec.events:
+        body = pbinput.encode([ev.SerializeToString()], 4096, ColumnStats())
+        assert body and ev.event_id and ev.end_time_unix_nano >= ev.start_time_unix_nano

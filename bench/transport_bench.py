@@ -54,6 +54,20 @@ async def noop(requests: AsyncIterator[wire.ProcessingRequest], context: Any) ->
             yield wire.continue_response(req.WhichOneof("request"))
 
 
+class NoopSession:
+    """The same, served inline by the h2 transport (as it serves the real service)."""
+
+    finished = False
+
+    def on_message(self, req: wire.ProcessingRequest) -> wire.ProcessingResponse | None:
+        if req.observability_mode:
+            return None
+        return wire.continue_response(req.WhichOneof("request"))
+
+    def close(self) -> None:
+        pass
+
+
 async def serve(transport: str, handler: str, listen: str) -> None:
     from extproc.config import AttributionSettings
     from extproc.labels import Attribution
@@ -66,12 +80,14 @@ async def serve(transport: str, handler: str, listen: str) -> None:
     stats, sink = SidecarStats(), CountSink()
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [sink], stats)
+    sessions = service.open_stream  # as extproc.app serves it
     if handler == "noop":
         service.process = noop  # type: ignore[method-assign]
+        sessions = lambda metadata: NoopSession()  # noqa: E731
     if transport == "grpcio":
         server, port = await start_grpc_server(service, listen)
     else:
-        server, port = await start_h2_server(service.process, listen)
+        server, port = await start_h2_server(service.process, listen, sessions=sessions)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 

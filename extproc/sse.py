@@ -36,6 +36,11 @@ class SSEParser:
         self.garbage_lines = 0
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if (not self.pending and chunk.startswith(b"data: ") and chunk.find(b"\n", 6) == len(chunk) - 2
+                and chunk.endswith(b"\n\n") and b"\r" not in chunk):
+            # What vLLM sends, one chunk per event: a single data line. Same result as below.
+            self.events_seen += 1
+            return [SSEEvent(data=chunk[6:-2], raw=chunk)]
         buf = self.pending + chunk if self.pending else chunk
         events: list[SSEEvent] = []
         pos = 0

@@ -70,6 +70,28 @@ def test_line_endings(eol, cuts):
     assert _texts(datas) == TEXTS
 
 
+def _events(p: SSEParser, chunks: list[bytes]) -> list[tuple[bytes, bytes, str]]:
+    out = [(e.data, e.raw, e.event) for c in chunks for e in p.feed(c)]
+    return out + [(e.data, e.raw, e.event) for e in p.flush()]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=30).map(lambda b: b"data: " + b + b"\n\n"),
+    st.sampled_from([b"data: x\n\n", b"data: \n\n", b"data: a\nb\n\n", b"data: a\r\n\r\n", b"data:x\n\n",
+                     b"data: [DONE]\n\n", b"data: x\n\n\n", b"\n\n", b"event: e\ndata: x\n\n", b"junk\n\n"]),
+    st.binary(max_size=12)), max_size=8))
+def test_one_event_per_chunk_fast_path_agrees_with_the_general_parser(chunks):
+    """vLLM's usual chunk (one `data: ` line and its blank line) skips the line splitting; fed
+    one byte at a time instead, the general parser must find the same events and garbage."""
+    fast, slow = SSEParser(), SSEParser()
+    got = _events(fast, chunks)
+    want = _events(slow, [bytes([b]) for c in chunks for b in c])
+    assert [(d, e) for d, _, e in got] == [(d, e) for d, _, e in want]
+    assert b"".join(r for _, r, _ in got) == b"".join(r for _, r, _ in want)
+    assert (fast.events_seen, fast.garbage_lines) == (slow.events_seen, slow.garbage_lines)
+
+
 def test_multiline_data_comments_and_fields():
     p = SSEParser()
     evs = p.feed(b": keepalive\n\nevent: msg\nid: 7\ndata: a\ndata: b\n\n")

@@ -197,10 +197,10 @@ def _cpu_cell(r: dict[str, Any], key: str, fmt: str) -> str:
 def _json_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| config | c=1 RPS | c=1 p50 / p99 ms | c=1 added p50 / p99 ms | c=10 RPS | c=10 ratio "
-        "| c=10 p50 / p99 ms | c=10 added p50 / p99 ms | sidecar µs/req [loop %, kernel %] | msgs/req "
-        "| Envoy µs/req "
+        "| c=10 p50 / p99 ms | c=10 added p50 / p99 ms | sidecar µs/req [loop %, kernel %] "
+        "| sidecar CPU s / 1k req | msgs/req | Envoy µs/req "
         "| lost | ext_proc err | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cfg in dict.fromkeys(r["config"] for r in results):
         a, b = _get(results, cfg, "json-c1"), _get(results, cfg, "json-c10")
@@ -215,6 +215,7 @@ def _json_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {_f(b.get('rps'), '.0f')} | {_f(b.get('rps_ratio'))} "
             f"| {_f(b.get('p50_ms'))} / {_f(b.get('p99_ms'))} "
             f"| {_signed(b.get('added_p50_ms'))} / {_signed(b.get('added_p99_ms'))} | {side} "
+            f"| {_f(b.get('sidecar_s_per_1k_req'), '.3f')} "
             f"| {_f(b.get('msgs_per_req'), '.1f')} | {_f(b.get('envoy_us_per_req'), '.0f')} "
             f"| {sum(lost) if lost else '–'} | {sum(err) if err else '–'} "
             f"| {a.get('failed', 0) + b.get('failed', 0)} |")

@@ -5,8 +5,9 @@ H2Connection alone measured ~176 µs); this parses frames itself and uses `hpack
 blocks only. It serves exactly what Envoy's ext_proc filter speaks: prior-knowledge cleartext
 HTTP/2, one method, identity encoding.
 
-Shape: one `_Connection` per socket parses frames in `data_received` and queues outgoing
-frames; everything queued in one loop iteration goes out in one `transport.write`. Each stream
+Shape: one `_Connection` per socket reads into a buffer of its own (`get_buffer` /
+`buffer_updated`), parses frames in `data_received` and queues outgoing frames; everything
+queued in one loop iteration goes out in one `transport.write`. Each stream
 runs the handler in its own task, fed by `stream.Requests` (an async iterator over a deque).
 """
 

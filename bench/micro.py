@@ -100,11 +100,6 @@ def timeit(fn: Callable[[], object], n: int) -> float:
     return best
 
 
-class _Null:
-    def emit(self, event: object) -> None:
-        pass
-
-
 class _Last:
     def __init__(self) -> None:
         self.event: object = None

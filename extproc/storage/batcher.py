@@ -53,7 +53,6 @@ class _Ready:
     """A batch with its dedup token and (pipelined writers) converted, ready to insert."""
 
     batch: _Batch
-    records: list[tuple[int, bytes]]
     token: str
     prepared: Any = None
     marked: bool = False
@@ -416,7 +415,7 @@ class BatchProcessor:
     def _prepare(self, batch: _Batch) -> _Ready:
         """Convert for the writer (pipelined writers); a data error is isolated in _deliver."""
         payloads = [p for _, p in batch.records]
-        ready = _Ready(batch, batch.records, batch_token(payloads))
+        ready = _Ready(batch, batch_token(payloads))
         if self._pipelined and payloads:
             with suppress(DataError):  # on a data error, _deliver isolates the bad rows
                 ready.prepared = self._writer.prepare(payloads)  # type: ignore[attr-defined]
@@ -424,7 +423,7 @@ class BatchProcessor:
 
     def _start(self, r: _Ready) -> Callable[[], None] | None:
         """Record the batch and start its insert (pipelined writers); None: insert in _finish."""
-        if not r.records:
+        if not r.batch.records:
             return None
         if not r.batch.replay and not r.marked:
             self._spool.ensure_durable(r.batch.end)
@@ -455,7 +454,7 @@ class BatchProcessor:
             except DataError:
                 pass  # split below to isolate the rows ClickHouse rejects
             except Exception as exc:
-                self._failed(exc, len(r.records))
+                self._failed(exc, len(r.batch.records))
                 attempt = 1
                 if not self._sleep_until_retry(self._backoff(0)):
                     return False
@@ -466,12 +465,16 @@ class BatchProcessor:
 
     def _deliver(self, r: _Ready, attempt: int = 0) -> bool:
         """Insert with write(), retrying until stored; False if shutdown's deadline passed."""
-        while r.records:
+        records = r.batch.records
+        if not records:  # nothing to insert: just acknowledge
+            self._stored(r, 0, time.monotonic())
+            return True
+        while True:
             started = time.monotonic()
             try:
-                dead = self._write_isolating(r.records)
+                dead = self._write_isolating(records)
             except Exception as exc:
-                self._failed(exc, len(r.records))
+                self._failed(exc, len(records))
                 if not self._sleep_until_retry(self._backoff(attempt)):
                     return False
                 attempt += 1
@@ -480,14 +483,12 @@ class BatchProcessor:
                 log.info("ClickHouse insert succeeded after %d failed attempt(s)", attempt)
             self._stored(r, dead, started)
             return True
-        self._stored(r, 0, time.monotonic())  # nothing decodable: just acknowledge
-        return True
 
     def _stored(self, r: _Ready, dead: int, started: float) -> None:
-        if r.records:
+        if r.batch.records:
             self.last_flush_seconds = time.monotonic() - started
             self.last_flush_time = time.time()
-            self.events_inserted += len(r.records) - dead
+            self.events_inserted += len(r.batch.records) - dead
             self.batches_inserted += 1
         self._spool.ack(r.batch.end)
         while len(self._checkpoints) > 1 and self._checkpoints[1][0] <= r.batch.end:

@@ -90,6 +90,9 @@ class StorageSettings:
     insert_format: str = "protobuf"
 
 
+INSERT_FORMATS = ("protobuf", "arrow")
+
+
 @dataclass
 class BatchSettings:
     max_queue_size: int = 100_000
@@ -233,8 +236,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("grpc.event_loop must be asyncio or uvloop")
     if settings.grpc.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("grpc.event_loop: uvloop needs the uvloop package: pip install 'extproc[uvloop]'")
-    if settings.storage.insert_format not in ("protobuf", "arrow"):
-        raise ConfigError("storage.insert_format must be protobuf or arrow")
+    if settings.storage.insert_format not in INSERT_FORMATS:
+        raise ConfigError(f"storage.insert_format must be {' or '.join(INSERT_FORMATS)}")
     if settings.spool.fsync not in ("always", "batch", "never"):
         raise ConfigError("spool.fsync must be always, batch or never")
     if settings.batch.max_batch_size <= 0 or settings.batch.max_queue_size <= 0:

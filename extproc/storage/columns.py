@@ -68,6 +68,16 @@ def truncate_utf8(value: str, max_bytes: int) -> str:
     return value.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
+def count_truncated(stats: ColumnStats, name: str, n: int, max_bytes: int) -> None:
+    """Count and log values of column `name` cut to max_bytes (both insert formats)."""
+    stats.values_truncated += n
+    if name == "labels":
+        log.warning("usage_events.labels: truncated %d label(s) to %d bytes", n, max_bytes)
+    else:
+        log.warning("usage_events.%s: truncated %d value(s) to %d bytes (storage.max_value_bytes)",
+                    name, n, max_bytes)
+
+
 def _string_array(name: str, values: list[Any], max_bytes: int, stats: ColumnStats) -> pa.Array:
     try:
         arr = pa.array(values, pa.string())
@@ -83,11 +93,7 @@ def _string_array(name: str, values: list[Any], max_bytes: int, stats: ColumnSta
         long = [i for i, v in enumerate(values) if len(v.encode("utf-8")) > max_bytes]
         for i in long:
             values[i] = truncate_utf8(values[i], max_bytes)
-        stats.values_truncated += len(long)
-        log.warning(
-            "usage_events.%s: truncated %d value(s) to %d bytes (storage.max_value_bytes)",
-            name, len(long), max_bytes,
-        )
+        count_truncated(stats, name, len(long), max_bytes)
         arr = pa.array(values, pa.string())
     return arr
 
@@ -125,8 +131,7 @@ def _labels_array(events: Sequence[UsageEvent], max_bytes: int, stats: ColumnSta
                     k, v = truncate_utf8(k, max_bytes), truncate_utf8(v, max_bytes)
                 fixed.append((k, v))
             fixed_rows.append(fixed)
-        stats.values_truncated += count
-        log.warning("usage_events.labels: truncated %d label(s) to %d bytes", count, max_bytes)
+        count_truncated(stats, "labels", count, max_bytes)
         arr = pa.array(fixed_rows, _LABELS)
     return arr
 

@@ -14,7 +14,6 @@ than max_value_bytes can hold such a string, so only those are decoded.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -22,10 +21,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from extproc.events import TokenSource, UsageEvent, token_source_name
-from extproc.storage.columns import ColumnStats, truncate_utf8
+from extproc.storage.columns import ColumnStats, count_truncated, truncate_utf8
 from extproc.storage.decode import batch_parses, varint
-
-log = logging.getLogger(__name__)
 
 _VALIDATE_CHUNK = 512  # records per protobuf parse: keeps each GIL hold well under 1 ms
 
@@ -79,6 +76,8 @@ def file_settings(path: str) -> dict[str, str]:
     """chDB: the schema as a file (absolute path, SCHEMA written there by the caller). Given
     inline, the embedded engine caches a copy under the process's working directory."""
     return {"format_schema": f"{path}:{UsageEvent.DESCRIPTOR.name}"}
+
+
 _STRINGS = tuple(f.name for f in UsageEvent.DESCRIPTOR.fields if f.type == FieldDescriptor.TYPE_STRING)
 
 
@@ -115,10 +114,5 @@ def encode(payloads: Sequence[bytes], max_value_bytes: int, stats: ColumnStats) 
         add(varint(len(p)))
         add(p)
     for name, n in counts.items():
-        stats.values_truncated += n
-        if name == "labels":
-            log.warning("usage_events.labels: truncated %d label(s) to %d bytes", n, max_value_bytes)
-        else:
-            log.warning("usage_events.%s: truncated %d value(s) to %d bytes (storage.max_value_bytes)",
-                        name, n, max_value_bytes)
+        count_truncated(stats, name, n, max_value_bytes)
     return b"".join(parts)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 from google.protobuf.message import DecodeError
 
+from extproc.config import INSERT_FORMATS
 from extproc.events import UsageEvent
 from extproc.storage import pbinput
 from extproc.storage.columns import ColumnStats, to_arrow
@@ -102,9 +103,6 @@ class ClientRunner(Protocol):
     def submit(self, fn: Callable[[Any], Any], timeout: float | None) -> Future[Any]: ...
 
     def wait(self, future: Future[Any], timeout: float | None) -> Any: ...
-
-
-INSERT_FORMATS = ("protobuf", "arrow")
 
 
 def decode_all(payloads: Sequence[bytes]) -> list[UsageEvent]:

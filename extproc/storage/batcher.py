@@ -339,7 +339,7 @@ class BatchProcessor:
                 if not self._finish(cur, waiter):
                     return  # shutdown deadline passed: these batches stay in the spool
                 todo.popleft()
-                if len(cur.records) < self._max_batch:
+                if len(cur.batch.records) < self._max_batch:
                     next_flush = time.monotonic() + self._interval
             except Exception:
                 if self._state == "stopped":

@@ -141,15 +141,15 @@ def start_upstream(workdir: Path, body: bytes, content_type: str = "application/
 
 
 def start_envoy(workdir: Path, upstream_port: int, *, extproc_address: str = "", mode: str = "sync",
-                processing_mode: dict[str, str] | None = None) -> tuple[Proc, int, int]:
-    """Envoy --concurrency 1; with_extproc when an address is given; `processing_mode` overrides
+                processing_mode: dict[str, str] | None = None, concurrency: int = 1) -> tuple[Proc, int, int]:
+    """Envoy --concurrency 1 (unless told); with_extproc when an address is given; `processing_mode` overrides
     fields of the ext_proc filter's processing_mode (lever experiments). Returns (proc, listener,
     admin port)."""
     listen, admin = free_port(), free_port()
     opts = EnvoyOptions(upstream=f"http://127.0.0.1:{upstream_port}", listen_port=listen, admin_port=admin,
                         extproc_address=extproc_address or "127.0.0.1:1", mode=mode,
                         with_extproc=bool(extproc_address))
-    mp = envoy_process(opts, workdir, concurrency=1)
+    mp = envoy_process(opts, workdir, concurrency=concurrency)
     if processing_mode:
         bootstrap = render(opts)
         hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -213,6 +213,7 @@ class Sidecar:
         last = self.stats()
         while time.monotonic() < deadline:
             time.sleep(0.2)
+            self.flush()  # with worker processes, their counters reach the parent with a flush
             now = self.stats()
             if now["streams_opened"] == now["streams_closed"] and now["events_emitted"] == last["events_emitted"]:
                 break

@@ -296,11 +296,13 @@ def markdown(doc: dict[str, Any]) -> str:
         "Reproduce: `make bench` (`python -m bench.run --help` for subsets); the profile alone: "
         "`python -m bench.profile`; the in-process hot-path pieces: `python -m bench.micro`. "
         "JSON and chart: `bench/results/latest.json`, `bench/results/latest.png` (not committed).", "",
-        "Everything on loopback on this machine: load generator, Envoy (`--concurrency 1`), upstream, "
-        "sidecar (a real `extproc serve` storing to chDB). \"added\" = minus Envoy alone and ratio = RPS / "
+        "Everything on loopback on this machine: load generator, Envoy (`--concurrency 1`; 2 in the "
+        "`-envoy2` / `-workers2` rows and their Envoy-alone pairs), upstream, sidecar (a real `extproc "
+        "serve` storing to chDB; with worker processes, their CPU is counted with it). \"added\" = minus Envoy alone and ratio = RPS / "
         "Envoy alone's, where Envoy alone is the run made just before the sidecar run (same workload, "
         "paired, against drift on a shared machine; direct: the mean of the envoy and envoy-end rows). "
-        "Sidecar CPU from /proc/<pid>/stat, all threads (loop % = share of the event-loop thread, "
+        "Sidecar CPU from /proc/<pid>/stat, all threads and child processes (loop % = share of the main "
+        "process's event-loop thread, "
         "kernel % = share of system time: syscalls, loopback TCP). "
         "lost = requests Envoy received minus events the sidecar stored (counted in ClickHouse per run "
         "through `GET /v1/usage`) minus requests the client abandoned unanswered when the run ended.", "",

@@ -7,6 +7,7 @@ counted per run through its admin API and compared with the requests Envoy recei
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ class Config:
     # sidecar settings ((section, key, value), ...) over the defaults (lever experiments)
     settings: tuple[tuple[str, str, Any], ...] = ()
     workloads: tuple[str, ...] = ("json-c1", "json-c10", "sse")
+    # Envoy worker threads (--concurrency); each opens its own connection to the sidecar
+    envoy_concurrency: int = 1
     about: str = ""
     # lever experiments beyond the default run (make bench stays under 10 minutes): --levers
     lever: bool = False
@@ -64,6 +67,13 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
                             ("response_body_mode", "NONE")),
            about="lever: request headers only, 1 message/request (what a synchronous budget check "
                  "costs; NOT full metering: no tokens, events flagged client_aborted)"),
+    Config("sync-h2-envoy2", "sidecar", "sync", "h2", workloads=("json-c10", "sse"), envoy_concurrency=2,
+           about="lever baseline: as sync-h2 with Envoy on 2 worker threads (2 connections to the "
+                 "sidecar); its ratio is against Envoy alone on 2 threads", lever=True),
+    Config("sync-h2-workers2", "sidecar", "sync", "h2", workloads=("json-c10", "sse"), envoy_concurrency=2,
+           settings=(("grpc", "workers", 2),),
+           about="lever: as sync-h2-envoy2 with 2 sidecar worker processes on the port (SO_REUSEPORT)",
+           lever=True),
     Config("observe-h2", "sidecar", "observe", "h2", about="observability mode, lean h2 server"),
     Config("observe-h2-resphdrs", "sidecar", "observe", "h2", workloads=("json-c1", "json-c10", "sse"),
            processing_mode=(("response_header_mode", "SEND"),),
@@ -175,7 +185,7 @@ def run_workload(b: Bench, cfg: Config, wl: Workload, sidecar: Sidecar | None) -
     if cfg.kind != "direct":
         envoy, port, admin = procs.start_envoy(
             b.workdir, up_port, extproc_address=sidecar.address if sidecar else "", mode=cfg.mode,
-            processing_mode=dict(cfg.processing_mode))
+            processing_mode=dict(cfg.processing_mode), concurrency=cfg.envoy_concurrency)
     load = _sse_load if wl.stream else _json_load
     try:
         first = sidecar.stats() if sidecar is not None else {}
@@ -275,7 +285,8 @@ def run_config(b: Bench, cfg: Config, wls: dict[str, Workload], log: Any = print
         for name in cfg.workloads:
             if name not in wls:
                 continue
-            paired = run_workload(b, CONFIGS["envoy"], wls[name], None) if b.paired and sidecar else None
+            alone = dataclasses.replace(CONFIGS["envoy"], envoy_concurrency=cfg.envoy_concurrency)
+            paired = run_workload(b, alone, wls[name], None) if b.paired and sidecar else None
             r = run_workload(b, cfg, wls[name], sidecar)
             if paired is not None:
                 r["paired"] = {k: paired[k] for k in PAIRED_KEYS if k in paired}

@@ -47,6 +47,7 @@ def build_admin_app(
     flush: FlushFn | None = None,
     metrics: MetricsFn | None = None,
     extra_stats: Callable[[], dict[str, Any]] | None = None,
+    worker_stats: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     app = web.Application()
 
@@ -66,6 +67,8 @@ def build_admin_app(
         data = {f.name: (dict(v) if isinstance(v := getattr(stats, f.name), dict) else v) for f in fields(stats)}
         if extra_stats is not None:
             data["storage"] = extra_stats()
+        if worker_stats is not None:
+            data["workers"] = worker_stats()
         return _json(data)
 
     async def post_flush(_: web.Request) -> web.Response:

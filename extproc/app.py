@@ -7,6 +7,7 @@ Start order: sinks before the gRPC listener (no event without a home); stop orde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -38,6 +39,11 @@ def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 class Sidecar:
+    """One process serving ext_proc with everything in it (grpc.workers: 1, the default); or,
+    with grpc.workers > 1, the parent of that many worker processes (extproc/workers.py): the
+    parent keeps storage, metrics and the admin API, the workers serve the gRPC streams and
+    relay their events up. A worker runs this class too, with `relay` as its only sink."""
+
     def __init__(
         self,
         settings: Settings,
@@ -45,12 +51,14 @@ class Sidecar:
         extra_sinks: Sequence[EventSink] = (),
         metric_readers: Sequence[Any] = (),
         with_storage: bool = True,
+        relay: EventSink | None = None,
     ) -> None:
         self.settings = settings
         self.stats = SidecarStats()
         self._extra_sinks = list(extra_sinks)
         self._metric_readers = list(metric_readers)
-        self._with_storage = with_storage
+        self._with_storage = with_storage and relay is None
+        self._relay = relay
         self.storage: Any = None
         self.telemetry: Any = None
         self.sinks: list[EventSink] = []
@@ -59,16 +67,47 @@ class Sidecar:
         self.admin_port = 0
         self._admin: web.AppRunner | None = None
         self.service: ExtProcService | None = None
+        self.workers: Any = None  # WorkerPool when grpc.workers > 1
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # what did start is stopped: storage closed (chDB: one data directory per process),
+            # workers and listeners gone
+            with contextlib.suppress(Exception):
+                await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         # The ClickHouse thread's Python work (Arrow columns, client) competes for the GIL; the
         # default 5 ms switch interval turned into request latency spikes (bench: p99 at 10
         # clients 14.4 -> 10.2 ms, RPS 2420 -> 2961 with 0.5 ms).
         sys.setswitchinterval(0.0005)
-        tokenizers = TokenizerRegistry(s.tokenizer.default_encoding, s.tokenizer.models)
-        await asyncio.to_thread(tokenizers.warm)
+        if self._relay is not None:
+            self.sinks.append(self._relay)
+        else:
+            await self._start_sinks()
+        for sink in self.sinks:
+            await sink.start()
+        if s.grpc.workers > 1 and self._relay is None:
+            from extproc.workers import WorkerPool
+
+            self.workers = WorkerPool(s, self.sinks, self.stats)
+            self.grpc_port = await self.workers.start()
+        else:
+            await self._start_grpc()
+        if self._relay is not None:
+            log.info("worker serving ext_proc on %s (port %d, shared)", s.grpc.listen, self.grpc_port)
+            return
+        await self._start_admin()
+        log.info("ext_proc gRPC on %s (port %d%s), admin on http://%s:%d", s.grpc.listen, self.grpc_port,
+                 f", {s.grpc.workers} worker processes" if self.workers else "", s.admin.host, self.admin_port)
+
+    async def _start_sinks(self) -> None:
+        s = self.settings
         if self._with_storage:
             from extproc.storage import open_storage
 
@@ -80,8 +119,11 @@ class Sidecar:
             s, self.stats, storage=self.storage, extra_readers=self._metric_readers)
         self.sinks.append(self.telemetry)
         self.sinks.extend(self._extra_sinks)
-        for sink in self.sinks:
-            await sink.start()
+
+    async def _start_grpc(self) -> None:
+        s = self.settings
+        tokenizers = TokenizerRegistry(s.tokenizer.default_encoding, s.tokenizer.models)
+        await asyncio.to_thread(tokenizers.warm)
         service = ExtProcService(
             Attribution(s.attribution, self.stats),
             ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage),
@@ -90,23 +132,28 @@ class Sidecar:
         )
         self.service = service
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")
+        # a worker shares its port with its siblings (SO_REUSEPORT)
+        reuse_port = self._relay is not None
         if s.grpc.transport == "h2":
             from extproc.transport import start_h2_server
 
             self.grpc_server, self.grpc_port = await start_h2_server(
-                service.process, s.grpc.listen, sessions=service.open_stream)
+                service.process, s.grpc.listen, sessions=service.open_stream, reuse_port=reuse_port)
         else:
-            self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen)
+            self.grpc_server, self.grpc_port = await start_grpc_server(
+                service, s.grpc.listen, reuse_port=reuse_port)
+
+    async def _start_admin(self) -> None:
+        s = self.settings
         app = build_admin_app(
             self.stats,
             report=self.storage.report if self.storage else None,
             flush=self.force_flush,
             metrics=self.telemetry.render_prometheus if self.telemetry.prometheus else None,
             extra_stats=self._storage_stats,
+            worker_stats=self.workers.stats_view if self.workers is not None else None,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
-        log.info("ext_proc gRPC on %s (port %d), admin on http://%s:%d",
-                 s.grpc.listen, self.grpc_port, s.admin.host, self.admin_port)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -117,12 +164,16 @@ class Sidecar:
         return self.storage.stats() if self.storage is not None else {}
 
     async def force_flush(self, timeout: float = 30.0) -> bool:
+        # workers first: what they emitted must have reached these sinks
+        relayed = await self.workers.force_flush(timeout) if self.workers is not None else True
         results = [await sink.force_flush(timeout) for sink in self.sinks]
-        return all(results)
+        return relayed and all(results)
 
     async def stop(self, grace: float = 10.0) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+        if self.workers is not None:
+            await self.workers.stop(grace)  # their last events arrive before the sinks close
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.service is not None:
@@ -136,6 +187,9 @@ class Sidecar:
                 log.exception("shutting down sink %r", sink)
         if self.storage is not None:
             await self.storage.close()
+        if self._relay is not None:
+            log.info("worker stopped: %d events emitted to the main process", self.stats.events_emitted)
+            return
         st = self.storage.stats() if self.storage is not None else {}
         log.info(
             "stopped: %d events emitted, %s inserted, %s left in the spool for the next start, %s dropped",

@@ -38,6 +38,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides.setdefault("grpc", {})["transport"] = args.transport
     if getattr(args, "listen", None):
         overrides.setdefault("grpc", {})["listen"] = args.listen
+    if getattr(args, "workers", None) is not None:
+        overrides.setdefault("grpc", {})["workers"] = args.workers
     if getattr(args, "admin_port", None) is not None:
         overrides.setdefault("admin", {})["port"] = args.admin_port
     if getattr(args, "admin_host", None):
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_flags(p)
     p.add_argument("--listen", help="gRPC listen address host:port or unix:/path (default 127.0.0.1:50051)")
     p.add_argument("--transport", choices=("grpcio", "h2"), help="gRPC server implementation (grpc.transport)")
+    p.add_argument("--workers", type=int, help="processes serving ext_proc on the one port (grpc.workers, default 1)")
     p.add_argument("--admin-host")
     p.add_argument("--admin-port", type=int)
     p.add_argument("--tokenizer", action="append", metavar="MODEL=PATH",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ class GrpcSettings:
     # asyncio: the standard library's event loop. uvloop: libuv's (C), fewer CPU cycles per
     # socket read, write and loop turn; see README "Performance".
     event_loop: str = "asyncio"
+    # Processes serving ext_proc on the one port (SO_REUSEPORT, Linux): when one core is not
+    # enough. The main process keeps storage, metrics and the admin API; workers relay their
+    # events to it. Envoy opens one connection per Envoy worker thread and the kernel spreads
+    # connections, not streams: run Envoy with --concurrency >= workers. See README.
+    workers: int = 1
 
 
 @dataclass
@@ -236,6 +242,13 @@ def validate(settings: Settings) -> None:
         raise ConfigError("grpc.event_loop must be asyncio or uvloop")
     if settings.grpc.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("grpc.event_loop: uvloop needs the uvloop package: pip install 'extproc[uvloop]'")
+    if settings.grpc.workers < 1:
+        raise ConfigError("grpc.workers must be at least 1")
+    if settings.grpc.workers > 1:
+        if settings.grpc.listen.startswith("unix:"):
+            raise ConfigError("grpc.workers > 1 needs a host:port listen address (SO_REUSEPORT), not a Unix socket")
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise ConfigError("grpc.workers > 1 needs SO_REUSEPORT, which this platform lacks")
     if settings.storage.insert_format not in INSERT_FORMATS:
         raise ConfigError(f"storage.insert_format must be {' or '.join(INSERT_FORMATS)}")
     if settings.spool.fsync not in ("always", "batch", "never"):

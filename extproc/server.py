@@ -182,13 +182,15 @@ def _role(metadata: Iterable[tuple[str, str]]) -> str:
     return ""
 
 
-async def start_grpc_server(service: ExtProcService, listen: str) -> tuple[grpc.aio.Server, int]:
-    """Bind `listen` (host:port or unix:/path). Returns the server and the bound port (0 for unix)."""
+async def start_grpc_server(service: ExtProcService, listen: str,
+                            reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+    """Bind `listen` (host:port or unix:/path); `reuse_port`: SO_REUSEPORT, the port shared with
+    sibling worker processes. Returns the server and the bound port (0 for unix)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_concurrent_streams", 10_000),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     server.add_generic_rpc_handlers((wire.generic_handler(service.process),))

@@ -6,7 +6,9 @@ Integers on one event loop: no locks, no allocations per increment.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 @dataclass
@@ -28,3 +30,24 @@ class SidecarStats:
     live_output_tokens: int = 0
     # label values rejected or rewritten by validation, by label name
     labels_rejected: Counter[str] = field(default_factory=Counter)
+
+    def snapshot(self) -> dict[str, int | dict[str, int]]:
+        """Plain data (JSON-ready): what a worker process sends its parent."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Counter) else v)
+                for f in fields(self)}
+
+    def add_delta(self, new: Mapping[str, Any], old: Mapping[str, Any]) -> None:
+        """Add what a worker counted between two of its snapshots (old: {} for a new worker).
+        Unknown names are ignored: a worker never runs other code than its parent, but a
+        snapshot is input all the same."""
+        for f in fields(self):
+            cur, was = new.get(f.name), old.get(f.name)
+            mine = getattr(self, f.name)
+            if isinstance(mine, Counter):
+                if isinstance(cur, dict):
+                    was = was if isinstance(was, dict) else {}
+                    for key, value in cur.items():
+                        if isinstance(value, int) and (d := value - was.get(key, 0)):
+                            mine[key] += d
+            elif isinstance(cur, int):
+                setattr(self, f.name, mine + cur - (was if isinstance(was, int) else 0))

@@ -59,7 +59,12 @@ class ThreadedSidecar:
 
     def start(self) -> ThreadedSidecar:
         self._thread.start()
-        self.call(self.sidecar.start(), timeout=120)
+        try:
+            self.call(self.sidecar.start(), timeout=120)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            raise
         return self
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
@@ -97,11 +102,12 @@ def start_sim(workdir: Path, *args: str) -> tuple[ManagedProcess, str]:
     return proc, url
 
 
-def start_envoy(workdir: Path, upstream: str, grpc_port: int | None, **opts: Any) -> tuple[ManagedProcess, str, int]:
+def start_envoy(workdir: Path, upstream: str, grpc_port: int | None, *, concurrency: int = 1,
+                **opts: Any) -> tuple[ManagedProcess, str, int]:
     listen, admin = free_port(), free_port()
     proc = envoy_process(EnvoyOptions(upstream=upstream, listen_port=listen, admin_port=admin,
                                       extproc_address=f"127.0.0.1:{grpc_port or 1}",
-                                      with_extproc=grpc_port is not None, **opts), workdir)
+                                      with_extproc=grpc_port is not None, **opts), workdir, concurrency)
     proc.start()
     return proc, f"http://127.0.0.1:{listen}", admin
 

@@ -795,7 +795,7 @@ class H2GrpcServer:
         self.stopping = False
         self._server: asyncio.Server | None = None
 
-    async def listen(self, listen: str) -> int:
+    async def listen(self, listen: str, reuse_port: bool = False) -> int:
         if listen.startswith("unix:"):
             path = listen[len("unix://"):] if listen.startswith("unix://") else listen[len("unix:"):]
             self._server = await self.loop.create_unix_server(lambda: _Connection(self), path)
@@ -803,7 +803,8 @@ class H2GrpcServer:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         self._server = await self.loop.create_server(
-            lambda: _Connection(self), host or None, int(port), reuse_address=True, backlog=1024)
+            lambda: _Connection(self), host or None, int(port), reuse_address=True, backlog=1024,
+            reuse_port=reuse_port or None)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float | None) -> None:
@@ -845,11 +846,12 @@ class H2GrpcServer:
 
 async def start_h2_server(handler: Handler, listen: str, *,
                           sessions: Callable[[tuple[tuple[str, str], ...]], Any] | None = None,
-                          ) -> tuple[H2GrpcServer, int]:
+                          reuse_port: bool = False) -> tuple[H2GrpcServer, int]:
     """Bind `listen` (host:port, port 0 = ephemeral, or unix:/path) and serve `handler` as
     /envoy.service.ext_proc.v3.ExternalProcessor/Process. With `sessions`, streams are served
-    inline by session objects instead (see H2GrpcServer). Returns the server and the bound port
-    (0 for unix sockets)."""
+    inline by session objects instead (see H2GrpcServer). `reuse_port`: SO_REUSEPORT, the port
+    shared with sibling worker processes. Returns the server and the bound port (0 for unix
+    sockets)."""
     server = H2GrpcServer(handler, sessions=sessions)
-    port = await server.listen(listen)
+    port = await server.listen(listen, reuse_port)
     return server, port

@@ -224,6 +224,9 @@ def run_workload(b: Bench, cfg: Config, wl: Workload, sidecar: Sidecar | None) -
             sidecar_errors=sum(s1["errors"].values()) - sum(s0["errors"].values()),
             events_emitted=s1["events_emitted"] - s0["events_emitted"],
         )
+        if "workers" in s1:  # how the kernel spread Envoy's connections, in streams per worker
+            out["worker_streams"] = [a - b for a, b in zip(s1["workers"]["streams_opened"],
+                                                           s0["workers"]["streams_opened"], strict=False)]
     out.update(_stream_fields(res, cfg) if isinstance(res, loadgen.StreamResult) else _json_fields(res))
     _per_unit(out)
     return out
@@ -326,6 +329,8 @@ def _one_line(r: dict[str, Any]) -> str:
         s += f"  ttft {r['ttft_p50_ms']:.2f} gap p99 {r['gap_p99_ms']:.2f} ms {r['events_per_s']:.0f} ev/s"
     if "sidecar_us_per_req" in r:
         s += f"  sidecar {r['sidecar_us_per_req']:.0f} us/req"
+    if "worker_streams" in r:
+        s += f"  streams per worker {r['worker_streams']}"
     if r.get("failed"):
         s += f"  FAILED {r['failed']}"
     if "paired" in r:

@@ -32,10 +32,11 @@ class GrpcSettings:
     # asyncio: the standard library's event loop. uvloop: libuv's (C), fewer CPU cycles per
     # socket read, write and loop turn; see README "Performance".
     event_loop: str = "asyncio"
-    # Processes serving ext_proc on the one port (SO_REUSEPORT, Linux): when one core is not
-    # enough. The main process keeps storage, metrics and the admin API; workers relay their
-    # events to it. Envoy opens one connection per Envoy worker thread and the kernel spreads
-    # connections, not streams: run Envoy with --concurrency >= workers. See README.
+    # Processes serving ext_proc, when one core is not enough. The main process keeps storage,
+    # metrics and the admin API; workers relay their events to it. h2: the main process accepts
+    # and hands each connection to the worker with the fewest; grpcio: the workers share the
+    # port (SO_REUSEPORT) and the kernel hashes connections to them. Envoy opens one connection
+    # per Envoy worker thread: run Envoy with --concurrency >= workers. See README.
     workers: int = 1
 
 
@@ -244,11 +245,14 @@ def validate(settings: Settings) -> None:
         raise ConfigError("grpc.event_loop: uvloop needs the uvloop package: pip install 'extproc[uvloop]'")
     if settings.grpc.workers < 1:
         raise ConfigError("grpc.workers must be at least 1")
-    if settings.grpc.workers > 1:
+    if settings.grpc.workers > 1 and settings.grpc.transport == "grpcio":
+        # h2 workers get their connections from the main process; grpcio's bind the port
         if settings.grpc.listen.startswith("unix:"):
-            raise ConfigError("grpc.workers > 1 needs a host:port listen address (SO_REUSEPORT), not a Unix socket")
+            raise ConfigError("grpc.workers > 1 with grpc.transport grpcio needs a host:port listen "
+                              "address (SO_REUSEPORT), not a Unix socket; grpc.transport h2 takes either")
         if not hasattr(socket, "SO_REUSEPORT"):
-            raise ConfigError("grpc.workers > 1 needs SO_REUSEPORT, which this platform lacks")
+            raise ConfigError("grpc.workers > 1 with grpc.transport grpcio needs SO_REUSEPORT, which this "
+                              "platform lacks; grpc.transport h2 does not")
     if settings.storage.insert_format not in INSERT_FORMATS:
         raise ConfigError(f"storage.insert_format must be {' or '.join(INSERT_FORMATS)}")
     if settings.spool.fsync not in ("always", "batch", "never"):

@@ -2,11 +2,17 @@
 
 Why processes: one Python process serves ext_proc on at most one core (the GIL). Why the parent
 keeps every sink: embedded ClickHouse (chDB) lets one process open a data directory, the spool
-is one sequence on disk, and the admin API and Prometheus endpoint are one each. Workers bind
-the same port with SO_REUSEPORT and the kernel spreads Envoy's connections between them.
+is one sequence on disk, and the admin API and Prometheus endpoint are one each.
 
-A worker is `python -m extproc.workers --fd N --index I`, spawned (not forked: the parent runs
-threads and ClickHouse) with one end of a socketpair; its settings arrive over that socket.
+Connections: Envoy opens few (one per Envoy worker thread) and keeps them, so how they are
+spread decides the balance. With the h2 transport the parent accepts and hands each connection
+(SCM_RIGHTS) to the worker with the fewest open; grpcio cannot serve a socket it did not accept,
+so its workers bind the port with SO_REUSEPORT and the kernel hashes connections to them (two
+connections over two workers share one worker half the time).
+
+A worker is `python -m extproc.workers --fd N --index I [--conn-fd M]`, spawned (not forked: the
+parent runs threads and ClickHouse) with one end of a socketpair (and one for connections); its
+settings arrive over that socket.
 Events and counter snapshots go up (extproc/relay.py), flush barriers go both ways. A worker
 that dies is started again (its open streams fail open in Envoy); a worker whose parent dies
 stops by itself.
@@ -21,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -61,6 +68,13 @@ class _Worker:
         self.last_stats: dict[str, Any] = {}
         self.started = 0.0
         self.fast_failures = 0
+        self.conn_sock: socket.socket | None = None  # hand-off: the parent's end
+        self.assigned = 0  # connections handed to this process
+
+    @property
+    def open_connections(self) -> int:
+        # closes are reported with the counters, so this never undercounts
+        return self.assigned - int(self.last_stats.get("connections_closed", 0))
 
     @property
     def alive(self) -> bool:
@@ -120,7 +134,11 @@ class WorkerPool:
         self.workers = [_Worker(i, self.loop) for i in range(settings.grpc.workers)]
         self.restarts = 0
         self.stopping = False
+        # h2: the parent accepts and hands connections over; grpcio: workers share the port
+        self.handoff = settings.grpc.transport == "h2"
+        self._listener: socket.socket | None = None
         self._reserved: socket.socket | None = None
+        self._logged: dict[str, float] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self._config = b""
         self._token = 0
@@ -128,7 +146,10 @@ class WorkerPool:
     async def start(self) -> int:
         """Spawn the workers and wait until each listens; returns the port. Raises (with every
         worker stopped) when one cannot start."""
-        self._reserved, listen, port = _reserve(self.settings.grpc.listen)
+        if self.handoff:
+            self._listener, listen, port = _listen(self.settings.grpc.listen)
+        else:
+            self._reserved, listen, port = _reserve(self.settings.grpc.listen)
         data = asdict(self.settings)
         data["grpc"]["listen"] = listen  # port 0: the one reserved here
         self._config = orjson.dumps(data)
@@ -143,20 +164,34 @@ class WorkerPool:
         except BaseException:
             await self.stop(0)
             raise
+        if self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
         return port
 
     async def _spawn(self, w: _Worker) -> None:
         parent_sock, child_sock = socket.socketpair()
+        conn_parent, conn_child = socket.socketpair() if self.handoff else (None, None)
+        argv = ["--fd", str(child_sock.fileno()), "--index", str(w.index)]
+        fds = [child_sock.fileno()]
+        if conn_child is not None:
+            argv += ["--conn-fd", str(conn_child.fileno())]
+            fds.append(conn_child.fileno())
         try:
             parent_sock.sendall(relay.frame(relay.CONFIG, self._config))
             w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "extproc.workers", "--fd", str(child_sock.fileno()),
-                "--index", str(w.index), pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL)
+                sys.executable, "-m", "extproc.workers", *argv, pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             parent_sock.close()
+            if conn_parent is not None:
+                conn_parent.close()
             raise
         finally:
             child_sock.close()
+            if conn_child is not None:
+                conn_child.close()
+        if conn_parent is not None:
+            conn_parent.setblocking(False)
+        w.conn_sock, w.assigned = conn_parent, 0
         w.started = time.monotonic()
         parent_sock.setblocking(False)
         _, w.channel = await self.loop.create_unix_connection(lambda: _ParentChannel(self, w), sock=parent_sock)
@@ -193,8 +228,43 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(signal.SIGTERM)
 
+    def _accept(self) -> None:
+        """Hand each new connection to the running worker with the fewest open."""
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, ...: the next accept may work
+                self._count("accept", f"accepting an ext_proc connection failed: {exc}")
+                return
+            with conn:
+                ready = [w for w in self.workers if w.alive and w.conn_sock is not None and w.ready.done()
+                         and not w.ready.cancelled() and w.ready.exception() is None]
+                if not ready:
+                    self._count("no_worker", "an ext_proc connection arrived while no worker runs: closed")
+                    continue
+                w = min(ready, key=lambda x: x.open_connections)
+                try:
+                    socket.send_fds(w.conn_sock, [b"c"], [conn.fileno()])  # type: ignore[arg-type]
+                except OSError as exc:
+                    self._count("handoff", f"handing a connection to worker {w.index} failed: {exc}")
+                    continue
+                w.assigned += 1
+
+    def _count(self, kind: str, message: str) -> None:
+        self.stats.errors[kind] += 1
+        now = time.monotonic()
+        if now - self._logged.get(kind, -1e9) >= 10.0:
+            self._logged[kind] = now
+            log.error("%s (%d so far)", message, self.stats.errors[kind])
+
     def _forget(self, w: _Worker) -> int:
         """A worker is gone: the streams its last snapshot had open are closed, cancelled."""
+        if w.conn_sock is not None:
+            w.conn_sock.close()
+            w.conn_sock = None
         last = w.last_stats
         open_streams = max(0, int(last.get("streams_opened", 0)) - int(last.get("streams_closed", 0)))
         self.stats.streams_closed += open_streams
@@ -255,6 +325,10 @@ class WorkerPool:
         """SIGTERM every worker: each drains its streams (up to `grace`) and sends its last
         events; then the channels are read to their end."""
         self.stopping = True
+        if self._listener is not None:  # no new connections; the workers drain theirs
+            self.loop.remove_reader(self._listener.fileno())
+            _close_listener(self._listener)
+            self._listener = None
         for w in self.workers:
             if w.alive:
                 with contextlib.suppress(ProcessLookupError):
@@ -291,8 +365,9 @@ class WorkerPool:
             "running": sum(1 for w in self.workers if w.alive and w.ready.done()),
             "restarts": self.restarts,
             "pids": [w.proc.pid if w.alive else None for w in self.workers],  # type: ignore[union-attr]
-            # since each worker's last start: how the kernel spread Envoy's connections
+            # since each worker's last start: how Envoy's connections were spread
             "streams_opened": [int(w.last_stats.get("streams_opened", 0)) for w in self.workers],
+            "connections": [w.open_connections if w.alive else 0 for w in self.workers] if self.handoff else None,
         }
 
 
@@ -301,9 +376,42 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()  # a restart that failed is logged by the watcher, not by asyncio
 
 
+def _listen(listen: str) -> tuple[socket.socket, str, int]:
+    """The parent's listener (hand-off mode): host:port or unix:/path, non-blocking."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix://"):] if listen.startswith("unix://") else listen[len("unix:"):]
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # left by a previous run, as asyncio's unix servers do
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        bound, port = listen, 0
+    else:
+        sock, bound, port = _bind_tcp(listen, reuse_port=False)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock, bound, port
+
+
+def _close_listener(sock: socket.socket) -> None:
+    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    sock.close()
+    if isinstance(path, str) and path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _reserve(listen: str) -> tuple[socket.socket, str, int]:
     """Bind (without listening) the port the workers will share: an early, clear error when it
     is taken, and a fixed port for `host:0`. A socket that does not listen gets no connections."""
+    return _bind_tcp(listen, reuse_port=True)
+
+
+def _bind_tcp(listen: str, *, reuse_port: bool) -> tuple[socket.socket, str, int]:
     host, _, port_text = listen.rpartition(":")
     try:
         port = int(port_text)
@@ -314,7 +422,8 @@ def _reserve(listen: str) -> tuple[socket.socket, str, int]:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
     except OSError:
         sock.close()
@@ -445,35 +554,85 @@ def _read_config(sock: socket.socket, timeout: float = 30.0) -> tuple[dict[str, 
             return config, reader
 
 
-async def _serve(settings: Settings, sock: socket.socket, reader: relay.FrameReader) -> int:
+class _Adopter:
+    """Hand-off mode: connections the parent accepted arrive as file descriptors."""
+
+    def __init__(self, sock: socket.socket, server: Any) -> None:
+        self.sock = sock
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 64, 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            log.exception("receiving connections from the parent failed")
+            self.close()
+            return
+        if not data and not fds:
+            self.close()  # the parent is gone; the relay channel stops this worker
+            return
+        for fd in fds:
+            task = self.loop.create_task(self._adopt(socket.socket(fileno=fd)))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.server.adopt(conn)
+        except Exception:
+            log.exception("serving a connection from the parent failed")
+            conn.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+async def _serve(settings: Settings, sock: socket.socket, reader: relay.FrameReader,
+                 conn_sock: socket.socket | None) -> int:
     from extproc.app import Sidecar
 
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     _, channel = await loop.create_unix_connection(lambda: _WorkerChannel(reader), sock=sock)
     sink = RelaySink(channel)
-    sidecar = Sidecar(settings, relay=sink)
+    sidecar = Sidecar(settings, relay=sink, listen=conn_sock is None)
     sink.stats = sidecar.stats
-    channel.snapshot = sidecar.stats.snapshot
+
+    def snapshot() -> dict[str, Any]:
+        return {**sidecar.stats.snapshot(),
+                "connections_closed": getattr(sidecar.grpc_server, "connections_closed", 0)}
+
+    channel.snapshot = snapshot
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     channel.lost.add_done_callback(lambda _: stop.set())
     await sidecar.start()
+    adopter = _Adopter(conn_sock, sidecar.grpc_server) if conn_sock is not None else None
     channel.send(relay.frame(relay.READY, orjson.dumps({"pid": os.getpid(), "port": sidecar.grpc_port})))
 
     async def push_stats() -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            channel.send(relay.frame(relay.STATS, orjson.dumps(sidecar.stats.snapshot())))
+            channel.send(relay.frame(relay.STATS, orjson.dumps(snapshot())))
 
     pusher = asyncio.create_task(push_stats())
     await stop.wait()
     if channel.lost.done():
         log.error("the parent process is gone: stopping (events of the streams still open cannot be stored)")
     pusher.cancel()
+    if adopter is not None:
+        adopter.close()
     await sidecar.stop()
-    channel.send(relay.frame(relay.STATS, orjson.dumps(sidecar.stats.snapshot())))
+    channel.send(relay.frame(relay.STATS, orjson.dumps(snapshot())))
     await channel.drain(10.0)
     channel.close()
     return 0
@@ -484,8 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Internal: one worker process of `extproc serve` with grpc.workers > 1.")
     p.add_argument("--fd", type=int, required=True, help="the socket to the parent")
     p.add_argument("--index", type=int, required=True)
+    p.add_argument("--conn-fd", type=int, help="the socket connections arrive on (h2 transport)")
     args = p.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
+    conn_sock = socket.socket(fileno=args.conn_fd) if args.conn_fd is not None else None
     try:
         config, reader = _read_config(sock)
         settings = load_settings(None, config, environ={})
@@ -497,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     from extproc.app import loop_factory
 
     with asyncio.Runner(loop_factory=loop_factory(settings)) as runner:
-        return runner.run(_serve(settings, sock, reader))
+        return runner.run(_serve(settings, sock, reader, conn_sock))
 
 
 if __name__ == "__main__":

@@ -93,26 +93,65 @@ def test_workers_behind_envoy_store_every_event(tmp_path: Path, transport: str):
         sc.stop()
 
 
-async def _one_stream(port: int) -> None:
-    # a connection of its own (no shared subchannel), as each Envoy worker thread has
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-        out = [r async for r in wire.client_stub(ch)(iter([m.request_headers("/v1/models", "GET")]))]
-        assert [r.WhichOneof("response") for r in out] == ["request_headers"]
+async def _streams(target: str, connections: int) -> None:
+    """One stream on each of `connections` connections of their own (no shared subchannel), as
+    each Envoy worker thread has one; all stay open until every stream is done."""
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    try:
+        for ch in channels:
+            out = [r async for r in wire.client_stub(ch)(iter([m.request_headers("/v1/models", "GET")]))]
+            assert [r.WhichOneof("response") for r in out] == ["request_headers"]
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
-def test_connections_spread_over_the_workers(tmp_path: Path):
+def test_h2_hands_connections_to_the_worker_with_fewest(tmp_path: Path):
     sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2})).start()
     try:
-        async def connect_many() -> None:
-            await asyncio.gather(*(_one_stream(sc.sidecar.grpc_port) for _ in range(16)))
+        async def hold_six() -> list[int]:
+            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{sc.sidecar.grpc_port}",
+                                                  options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(6)]
+            try:
+                for ch in channels:
+                    [_ async for _ in wire.client_stub(ch)(iter([m.request_headers("/v1/models", "GET")]))]
+                await asyncio.to_thread(lambda: sc.call(sc.sidecar.force_flush()))
+                return _workers(sc.sidecar.admin_port)["connections"]
+            finally:
+                for ch in channels:
+                    await ch.close()
 
-        asyncio.run(connect_many())
+        assert asyncio.run(hold_six()) == [3, 3]
+        per_worker = _workers(sc.sidecar.admin_port)["streams_opened"]
+        assert per_worker == [3, 3]
+    finally:
+        sc.stop()
+
+
+def test_grpcio_workers_share_the_port_and_the_kernel_spreads_connections(tmp_path: Path):
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "grpcio", "workers": 2})).start()
+    try:
+        asyncio.run(_streams(f"127.0.0.1:{sc.sidecar.grpc_port}", 16))
         assert sc.call(sc.sidecar.force_flush())
         per_worker = _workers(sc.sidecar.admin_port)["streams_opened"]
         # 16 connections hashed over 2 listeners: all on one would be a 1 in 32768 chance
         assert sum(per_worker) == 16 and min(per_worker) > 0, per_worker
     finally:
         sc.stop()
+
+
+def test_h2_workers_behind_a_unix_socket(tmp_path: Path):
+    path = tmp_path / "grpc.sock"
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2,
+                                                          "listen": f"unix:{path}"})).start()
+    try:
+        asyncio.run(_streams(f"unix:{path}", 4))
+        assert sc.call(sc.sidecar.force_flush())
+        assert _workers(sc.sidecar.admin_port)["streams_opened"] == [2, 2]
+    finally:
+        sc.stop()
+    assert not path.exists()  # removed at stop
 
 
 def test_a_crashed_worker_is_replaced_and_traffic_goes_on(tmp_path: Path):
@@ -176,14 +215,15 @@ def test_a_worker_that_cannot_start_fails_the_start(tmp_path: Path):
 
 @pytest.mark.parametrize("grpc_settings, message", [
     ({"workers": 0}, "at least 1"),
-    ({"workers": 2, "listen": "unix:/tmp/x.sock"}, "host:port"),
+    ({"workers": 2, "transport": "grpcio", "listen": "unix:/tmp/x.sock"}, "host:port"),
 ])
 def test_settings_that_cannot_work_are_refused(tmp_path: Path, grpc_settings, message):
     with pytest.raises(ConfigError, match=message):
         sidecar_settings(tmp_path, grpc=grpc_settings)
 
 
-def test_a_taken_port_is_a_clear_error(tmp_path: Path):
+@pytest.mark.parametrize("transport", ["h2", "grpcio"])
+def test_a_taken_port_is_a_clear_error(tmp_path: Path, transport: str):
     import socket
 
     taken = socket.socket()
@@ -191,7 +231,8 @@ def test_a_taken_port_is_a_clear_error(tmp_path: Path):
     taken.listen()
     try:
         port = taken.getsockname()[1]
-        settings = sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2, "listen": f"127.0.0.1:{port}"})
+        settings = sidecar_settings(tmp_path, grpc={"transport": transport, "workers": 2,
+                                                    "listen": f"127.0.0.1:{port}"})
         with pytest.raises(OSError, match="[Aa]ddress already in use"):
             ThreadedSidecar(settings).start()
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -113,6 +114,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.connections_closed += 1
         if not self.lost.done():
             self.lost.set_result(None)
         self.out.clear()
@@ -791,6 +793,7 @@ class H2GrpcServer:
         self.max_concurrent_streams = max_concurrent_streams
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
+        self.connections_closed = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
@@ -806,6 +809,13 @@ class H2GrpcServer:
             lambda: _Connection(self), host or None, int(port), reuse_address=True, backlog=1024,
             reuse_port=reuse_port or None)
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted (worker processes: extproc/workers.py)."""
+        if self.stopping:
+            sock.close()
+            return
+        await self.loop.connect_accepted_socket(lambda: _Connection(self), sock)
 
     async def stop(self, grace: float | None) -> None:
         """GOAWAY every connection, let in-flight streams finish for up to `grace` seconds, then
@@ -844,14 +854,14 @@ class H2GrpcServer:
             await self._server.serve_forever()
 
 
-async def start_h2_server(handler: Handler, listen: str, *,
+async def start_h2_server(handler: Handler, listen: str | None, *,
                           sessions: Callable[[tuple[tuple[str, str], ...]], Any] | None = None,
                           reuse_port: bool = False) -> tuple[H2GrpcServer, int]:
     """Bind `listen` (host:port, port 0 = ephemeral, or unix:/path) and serve `handler` as
     /envoy.service.ext_proc.v3.ExternalProcessor/Process. With `sessions`, streams are served
     inline by session objects instead (see H2GrpcServer). `reuse_port`: SO_REUSEPORT, the port
-    shared with sibling worker processes. Returns the server and the bound port (0 for unix
-    sockets)."""
+    shared with sibling worker processes; `listen` None: no listener, connections come through
+    `adopt`. Returns the server and the bound port (0 for unix sockets and no listener)."""
     server = H2GrpcServer(handler, sessions=sessions)
-    port = await server.listen(listen, reuse_port)
+    port = await server.listen(listen, reuse_port) if listen is not None else 0
     return server, port

@@ -211,6 +211,7 @@ class WorkerPool:
             if self.stopping:
                 return
             self.restarts += 1
+            self.stats.errors["worker_exited"] += 1  # extproc.ext_proc.errors{kind=worker_exited}
             lived = time.monotonic() - w.started
             w.fast_failures = w.fast_failures + 1 if lived < HEALTHY_AFTER_S else 0
             delay = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** w.fast_failures)

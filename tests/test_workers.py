@@ -168,6 +168,10 @@ def test_a_crashed_worker_is_replaced_and_traffic_goes_on(tmp_path: Path):
         view = _until(lambda: (v := _workers(sc.sidecar.admin_port))["restarts"] == 1 and v["running"] == 2 and v,
                       30, "the worker to be replaced")
         assert victim not in view["pids"] and None not in view["pids"]
+        stats = _get(f"http://127.0.0.1:{sc.sidecar.admin_port}/v1/stats")
+        assert stats["errors"] == {"worker_exited": 1}
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{sc.sidecar.admin_port}/metrics", timeout=10).read()
+        assert b'kind="worker_exited"' in metrics
         _traffic(url, "after", 8)  # Envoy reconnects; the kernel picks a live listener
         events = wait_events(rec, "after", 8)
         assert all(e.completion_tokens == 6 and not e.error for e in events)

@@ -60,6 +60,10 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            processing_mode=(("response_header_mode", "SEND"),),
            about="lever: as sync-h2 with response headers sent to the sidecar (before: status and "
                  "content type from them, one more message per request)", lever=True),
+    Config("sync-h2-busypoll", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10", "sse"),
+           settings=(("grpc", "busy_poll_us", 500),),
+           about="lever: as sync-h2, polling epoll without blocking for 500 us after each activity",
+           lever=True),
     Config("sync-h2-uds", "sidecar", "sync", "h2", uds=True, workloads=("json-c1", "json-c10"),
            about="as sync-h2, over a Unix socket", lever=True),
     Config("sync-h2-hdrs", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"),

@@ -30,11 +30,17 @@ log = logging.getLogger(__name__)
 
 
 def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The event loop grpc.event_loop asks for (uvloop: the optional extra)."""
+    """The event loop grpc.event_loop asks for (uvloop: the optional extra), busy-polling when
+    grpc.busy_poll_us says so."""
     if settings.grpc.event_loop == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
+    if settings.grpc.busy_poll_us:
+        from extproc.transport.busypoll import new_event_loop
+
+        window = settings.grpc.busy_poll_us / 1e6
+        return lambda: new_event_loop(window)
     return asyncio.new_event_loop
 
 

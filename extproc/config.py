@@ -32,6 +32,10 @@ class GrpcSettings:
     # asyncio: the standard library's event loop. uvloop: libuv's (C), fewer CPU cycles per
     # socket read, write and loop turn; see README "Performance".
     event_loop: str = "asyncio"
+    # After each socket event, keep polling (not blocking) for this many microseconds before
+    # sleeping in epoll: the next ext_proc message of a request often arrives within it, and
+    # waking a sleeping process costs more than the message at low load. 0: off. asyncio only.
+    busy_poll_us: int = 0
     # Processes serving ext_proc, when one core is not enough. The main process keeps storage,
     # metrics and the admin API; workers relay their events to it. h2: the main process accepts
     # and hands each connection to the worker with the fewest; grpcio: the workers share the
@@ -243,6 +247,10 @@ def validate(settings: Settings) -> None:
         raise ConfigError("grpc.event_loop must be asyncio or uvloop")
     if settings.grpc.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("grpc.event_loop: uvloop needs the uvloop package: pip install 'extproc[uvloop]'")
+    if not 0 <= settings.grpc.busy_poll_us <= 100_000:
+        raise ConfigError("grpc.busy_poll_us must be between 0 and 100000")
+    if settings.grpc.busy_poll_us and settings.grpc.event_loop != "asyncio":
+        raise ConfigError("grpc.busy_poll_us needs grpc.event_loop asyncio (uvloop has no pluggable selector)")
     if settings.grpc.workers < 1:
         raise ConfigError("grpc.workers must be at least 1")
     if settings.grpc.workers > 1 and settings.grpc.transport == "grpcio":

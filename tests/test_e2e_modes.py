@@ -28,12 +28,15 @@ def sim(tmp_path_factory):
 
 
 @pytest.fixture(params=[("grpcio", "observe"), ("h2", "sync"), ("h2", "observe"), ("grpcio", "hybrid"),
-                        ("h2", "hybrid"), ("h2", "sync", "uvloop"), ("grpcio", "sync", "uvloop")],
+                        ("h2", "hybrid"), ("h2", "sync", "uvloop"), ("grpcio", "sync", "uvloop"),
+                        ("h2", "sync", "busypoll")],
                 ids=lambda p: "-".join(p))
 def stack(request, sim, tmp_path):
     transport, mode, *loop = request.param
     rec = RecordingSink()
-    grpc = {"transport": transport, "event_loop": loop[0] if loop else "asyncio"}
+    grpc = {"transport": transport, "event_loop": loop[0] if loop and loop[0] != "busypoll" else "asyncio"}
+    if loop == ["busypoll"]:
+        grpc["busy_poll_us"] = 300
     sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc=grpc), extra_sinks=[rec]).start()
     envoy, url, admin = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode=mode)
     yield mode, url, admin, rec, sc

@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(scenario.DEFAULT_CONFIGS),
                    help=f"comma-separated, from: {', '.join(scenario.CONFIGS)}")
     p.add_argument("--levers", action="store_true",
-                   help=f"also the lever experiments: {', '.join(scenario.LEVER_CONFIGS)} (~3.5 min more)")
+                   help=f"also the lever experiments: {', '.join(scenario.LEVER_CONFIGS)} (~4.5 min more)")
     p.add_argument("--workloads", default="json-c1,json-c10,sse,sse-x4",
                    help="from: json-c1, json-c10, sse, sse-x4 (4x the streams)")
     p.add_argument("--seconds", type=float, default=4.0, help="per non-streaming run")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -63,8 +62,7 @@ def build_admin_app(
         return resp
 
     async def get_stats(_: web.Request) -> web.Response:
-        # asdict() would copy the Counters as Counters; plain dicts serialize.
-        data = {f.name: (dict(v) if isinstance(v := getattr(stats, f.name), dict) else v) for f in fields(stats)}
+        data: dict[str, Any] = stats.snapshot()
         if extra_stats is not None:
             data["storage"] = extra_stats()
         if worker_stats is not None:

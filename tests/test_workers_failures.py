@@ -11,7 +11,8 @@ import orjson
 
 from extproc import relay
 from extproc.stats import SidecarStats
-from extproc.workers import RelaySink, WorkerPool, _ParentChannel, _Worker, _WorkerChannel
+from extproc.workers.pool import WorkerPool, _ParentChannel, _Worker
+from extproc.workers.worker import RelaySink, _WorkerChannel
 from tests.stack import RecordingSink, sidecar_settings
 from tests.storage_helpers import make_event
 

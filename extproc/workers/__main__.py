@@ -1,0 +1,5 @@
+import sys
+
+from extproc.workers.worker import main
+
+sys.exit(main())

@@ -46,7 +46,7 @@ def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]:
 
 class Sidecar:
     """One process serving ext_proc with everything in it (grpc.workers: 1, the default); or,
-    with grpc.workers > 1, the parent of that many worker processes (extproc/workers.py): the
+    with grpc.workers > 1, the parent of that many worker processes (extproc/workers/): the
     parent keeps storage, metrics and the admin API, the workers serve the gRPC streams and
     relay their events up. A worker runs this class too, with `relay` as its only sink."""
 

@@ -1,5 +1,5 @@
 """The channel between worker processes and their parent (`grpc.workers` > 1): framing only,
-no I/O (extproc/workers.py owns the sockets).
+no I/O (extproc/workers/ owns the sockets).
 
 A worker serves ext_proc streams; the parent owns storage, metrics and the admin API. Events and
 counter snapshots flow up, flush barriers both ways. A frame is a kind byte, a 4-byte big-endian

@@ -811,7 +811,7 @@ class H2GrpcServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def adopt(self, sock: socket.socket) -> None:
-        """Serve a connection another process accepted (worker processes: extproc/workers.py)."""
+        """Serve a connection another process accepted (worker processes: extproc/workers/)."""
         if self.stopping:
             sock.close()
             return

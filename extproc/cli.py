@@ -95,7 +95,7 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
     sim_args = ["--tokens-per-second", str(args.tokens_per_second)]
     serve_args = ["--transport", args.transport] if args.transport else []
     return DevStack(ports=ports, data_dir=args.data_dir, upstream=args.upstream, mode=args.mode,
-                    config=args.config, sim_args=sim_args, serve_args=serve_args)
+                    config=args.config, sim_args=sim_args, serve_args=serve_args, workers=args.workers)
 
 
 def _wait_for_signal() -> None:
@@ -243,6 +243,8 @@ def _stack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
     p.add_argument("--tokens-per-second", type=float, default=200.0, help="simulator speed")
     p.add_argument("--transport", choices=("grpcio", "h2"), help="sidecar gRPC server (grpc.transport)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="sidecar worker processes (grpc.workers); Envoy runs as many worker threads")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,9 @@ class DevStack:
     config: str | None = None
     sim_args: Sequence[str] = ()
     serve_args: Sequence[str] = ()
+    # sidecar worker processes (grpc.workers); Envoy gets as many worker threads, so each
+    # sidecar worker has a connection to serve
+    workers: int = 1
     workdir: Path | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
 
@@ -156,13 +159,15 @@ class DevStack:
                     ready_url=f"{upstream}/health", log_path=self.workdir / "sim.log"))
             serve = ["serve", "--listen", f"127.0.0.1:{p.grpc}", "--admin-port", str(p.admin),
                      "--data-dir", self.data_dir, *self.serve_args]
+            if self.workers > 1:
+                serve += ["--workers", str(self.workers)]
             if self.config:
                 serve += ["--config", self.config]
             self._start(ManagedProcess("sidecar", python_cli(*serve), ready_url=f"{self.admin_url}/readyz",
                                        log_path=self.workdir / "sidecar.log"))
             self._start(envoy_process(EnvoyOptions(
                 upstream=upstream, listen_port=p.listener, admin_port=p.envoy_admin,
-                extproc_address=f"127.0.0.1:{p.grpc}", mode=self.mode), self.workdir))
+                extproc_address=f"127.0.0.1:{p.grpc}", mode=self.mode), self.workdir, concurrency=self.workers))
         except Exception:
             self.stop()
             raise

@@ -24,10 +24,11 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_dev_report_live_and_after_stop(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--transport", "h2", "--workers", "2"]], ids=["default", "h2-workers"])
+def test_dev_report_live_and_after_stop(tmp_path, extra):
     ports = {k: free_port() for k in ("port", "envoy-admin-port", "grpc-port", "admin-port", "sim-port")}
     data = tmp_path / "data"
-    argv = [sys.executable, "-m", "extproc", "dev", "--data-dir", str(data), "--tokens-per-second", "0"]
+    argv = [sys.executable, "-m", "extproc", "dev", "--data-dir", str(data), "--tokens-per-second", "0", *extra]
     for k, v in ports.items():
         argv += [f"--{k}", str(v)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -62,6 +63,12 @@ def test_dev_report_live_and_after_stop(tmp_path):
         assert rows["alpha"]["requests"] == 2 and rows["beta"]["requests"] == 1
         assert sum(r["prompt_tokens"] for r in rows.values()) == usage["prompt"]
         assert sum(r["completion_tokens"] for r in rows.values()) == usage["completion"]
+        if extra:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin-port']}/v1/stats", timeout=10) as r:
+                workers = json.loads(r.read())["workers"]
+            assert workers["running"] == 2 and workers["restarts"] == 0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         rc = proc.wait(60)

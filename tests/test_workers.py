@@ -262,3 +262,21 @@ def test_hybrid_mode_pairs_both_streams_of_a_request_in_one_worker(tmp_path: Pat
         envoy.stop()
         sim.stop()
         sc.stop()
+
+
+def test_a_stuck_worker_is_killed_and_replaced(tmp_path: Path):
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2})).start()
+    try:
+        sc.sidecar.workers.heartbeat_timeout = 1.0
+        victim = _workers(sc.sidecar.admin_port)["pids"][1]
+        os.kill(victim, signal.SIGSTOP)  # alive, but its event loop no longer runs
+        view = _until(lambda: (v := _workers(sc.sidecar.admin_port))["restarts"] == 1 and v["running"] == 2 and v,
+                      30, "the stuck worker to be replaced")
+        assert victim not in view["pids"]
+        errors = _get(f"http://127.0.0.1:{sc.sidecar.admin_port}/v1/stats")["errors"]
+        assert errors == {"worker_stuck": 1, "worker_exited": 1}
+        asyncio.run(_streams(f"127.0.0.1:{sc.sidecar.grpc_port}", 4))  # both workers serve again
+        assert sc.call(sc.sidecar.force_flush())
+        assert _workers(sc.sidecar.admin_port)["streams_opened"] == [2, 2]
+    finally:
+        sc.stop()

@@ -34,6 +34,9 @@ STOP_MARGIN_S = 20.0
 # a worker that lived shorter than this failed "fast": its restart waits twice as long as before
 HEALTHY_AFTER_S = 10.0
 BACKOFF_S = (0.5, 30.0)
+# A running worker sends its counters every 0.5 s from its event loop: silence this long means
+# the loop is stuck (and so are its streams, which Envoy times out and fails open): killed, restarted.
+HEARTBEAT_TIMEOUT_S = 30.0
 
 
 class _Worker:
@@ -43,6 +46,7 @@ class _Worker:
         self.channel: _ParentChannel | None = None
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.last_stats: dict[str, Any] = {}
+        self.last_heard = 0.0  # monotonic time of its last frame
         self.started = 0.0
         self.fast_failures = 0
         self.conn_sock: socket.socket | None = None  # hand-off: the parent's end
@@ -117,6 +121,7 @@ class WorkerPool:
         self._reserved: socket.socket | None = None
         self._count = CountedErrors(stats, log)
         self._watchers: list[asyncio.Task[None]] = []
+        self.heartbeat_timeout = HEARTBEAT_TIMEOUT_S
         self._config = b""
         self._token = 0
 
@@ -143,6 +148,7 @@ class WorkerPool:
             raise
         if self._listener is not None:
             self.loop.add_reader(self._listener.fileno(), self._accept)
+        self._watchers.append(asyncio.create_task(self._check_heartbeats(), name="extproc-worker-heartbeats"))
         return port
 
     async def _spawn(self, w: _Worker) -> None:
@@ -169,7 +175,7 @@ class WorkerPool:
         if conn_parent is not None:
             conn_parent.setblocking(False)
         w.conn_sock, w.assigned = conn_parent, 0
-        w.started = time.monotonic()
+        w.started = w.last_heard = time.monotonic()
         parent_sock.setblocking(False)
         _, w.channel = await self.loop.create_unix_connection(lambda: _ParentChannel(self, w), sock=parent_sock)
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
@@ -243,7 +249,20 @@ class WorkerPool:
         w.last_stats = {}
         return open_streams
 
+    async def _check_heartbeats(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(min(5.0, self.heartbeat_timeout / 4))
+            now = time.monotonic()
+            for w in self.workers:
+                if w.alive and w.ready.done() and now - w.last_heard > self.heartbeat_timeout:
+                    self._count("worker_stuck", f"ext_proc worker {w.index} (pid {w.proc.pid}) sent nothing for "
+                                f"{now - w.last_heard:.0f} s: its event loop is stuck; killed, to be started again")
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()  # type: ignore[union-attr]
+                    w.last_heard = now  # one kill per silence
+
     def _on_frame(self, w: _Worker, kind: int, payload: bytes) -> None:
+        w.last_heard = time.monotonic()
         if kind == relay.EVENT:
             try:
                 event = UsageEvent.FromString(payload)

@@ -198,8 +198,9 @@ class WorkerPool:
             lived = time.monotonic() - w.started
             w.fast_failures = w.fast_failures + 1 if lived < HEALTHY_AFTER_S else 0
             delay = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** w.fast_failures)
-            log.error("ext_proc worker %d (pid %d) exited with code %s after %.1f s (%d streams open: "
-                      "Envoy failed them open, their events are lost); starting it again in %.1f s",
+            log.error("ext_proc worker %d (pid %d) exited with code %s after %.1f s (%d streams open at its "
+                      "last report, 0.5 s before at most: Envoy failed them open, their events are lost); "
+                      "starting it again in %.1f s",
                       w.index, w.proc.pid, code, lived, lost_streams, delay)
             await asyncio.sleep(delay)
             if self.stopping:

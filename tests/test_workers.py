@@ -280,3 +280,23 @@ def test_a_stuck_worker_is_killed_and_replaced(tmp_path: Path):
         assert _workers(sc.sidecar.admin_port)["streams_opened"] == [2, 2]
     finally:
         sc.stop()
+
+
+def test_fewer_connections_than_workers_is_said_in_the_log(tmp_path: Path, caplog):
+    """Envoy with one worker thread opens one connection: the second sidecar worker idles."""
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2})).start()
+    try:
+        sc.sidecar.workers.spread_check_after = 0.0
+        sc.sidecar.workers.heartbeat_timeout = 1.0  # checks every 0.25 s
+
+        async def hold_one() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.sidecar.grpc_port}") as ch:
+                [_ async for _ in wire.client_stub(ch)(iter([m.request_headers("/v1/models", "GET")]))]
+                await asyncio.to_thread(_until, lambda: any("have no connection" in r.getMessage()
+                                                            for r in caplog.records), 15, "the warning")
+
+        asyncio.run(hold_one())
+        [warning] = [r.getMessage() for r in caplog.records if "have no connection" in r.getMessage()]
+        assert "1 of 2" in warning and "--concurrency >= 2" in warning
+    finally:
+        sc.stop()

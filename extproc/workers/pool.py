@@ -37,6 +37,9 @@ BACKOFF_S = (0.5, 30.0)
 # A running worker sends its counters every 0.5 s from its event loop: silence this long means
 # the loop is stuck (and so are its streams, which Envoy times out and fails open): killed, restarted.
 HEARTBEAT_TIMEOUT_S = 30.0
+# After this long with connections, idle workers while another serves two or more mean Envoy
+# runs fewer worker threads than we have workers: said once, in the log.
+SPREAD_CHECK_AFTER_S = 60.0
 
 
 class _Worker:
@@ -122,6 +125,9 @@ class WorkerPool:
         self._count = CountedErrors(stats, log)
         self._watchers: list[asyncio.Task[None]] = []
         self.heartbeat_timeout = HEARTBEAT_TIMEOUT_S
+        self.spread_check_after = SPREAD_CHECK_AFTER_S
+        self._started_at = 0.0
+        self._spread_warned = False
         self._config = b""
         self._token = 0
 
@@ -148,6 +154,7 @@ class WorkerPool:
             raise
         if self._listener is not None:
             self.loop.add_reader(self._listener.fileno(), self._accept)
+        self._started_at = time.monotonic()
         self._watchers.append(asyncio.create_task(self._check_heartbeats(), name="extproc-worker-heartbeats"))
         return port
 
@@ -261,6 +268,17 @@ class WorkerPool:
                     with contextlib.suppress(ProcessLookupError):
                         w.proc.kill()  # type: ignore[union-attr]
                     w.last_heard = now  # one kill per silence
+            self._check_spread(now)
+
+    def _check_spread(self, now: float) -> None:
+        if not self.handoff or self._spread_warned or now - self._started_at < self.spread_check_after:
+            return
+        conns = [w.open_connections for w in self.workers if w.alive and w.ready.done()]
+        if conns and max(conns) > 0 and min(conns) == 0:
+            self._spread_warned = True
+            log.warning("%d of %d ext_proc workers have no connection (connections per worker: %s): Envoy "
+                        "opens one per worker thread; run it with --concurrency >= %d", conns.count(0),
+                        len(conns), conns, len(self.workers))
 
     def _on_frame(self, w: _Worker, kind: int, payload: bytes) -> None:
         w.last_heard = time.monotonic()

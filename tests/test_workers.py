@@ -297,6 +297,6 @@ def test_fewer_connections_than_workers_is_said_in_the_log(tmp_path: Path, caplo
 
         asyncio.run(hold_one())
         [warning] = [r.getMessage() for r in caplog.records if "have no connection" in r.getMessage()]
-        assert "1 of 2" in warning and "--concurrency >= 2" in warning
+        assert "1 of 2" in warning and "--concurrency below 2" in warning
     finally:
         sc.stop()

@@ -277,8 +277,9 @@ class WorkerPool:
         if conns and max(conns) > 0 and min(conns) == 0:
             self._spread_warned = True
             log.warning("%d of %d ext_proc workers have no connection (connections per worker: %s): Envoy "
-                        "opens one per worker thread; run it with --concurrency >= %d", conns.count(0),
-                        len(conns), conns, len(self.workers))
+                        "opens one per worker thread once that thread carries traffic; with --concurrency "
+                        "below %d some workers never get one", conns.count(0), len(conns), conns,
+                        len(self.workers))
 
     def _on_frame(self, w: _Worker, kind: int, payload: bytes) -> None:
         w.last_heard = time.monotonic()

@@ -175,6 +175,9 @@ def test_a_crashed_worker_is_replaced_and_traffic_goes_on(tmp_path: Path):
         _traffic(url, "after", 8)  # Envoy reconnects; the kernel picks a live listener
         events = wait_events(rec, "after", 8)
         assert all(e.completion_tokens == 6 and not e.error for e in events)
+        assert sc.call(sc.sidecar.force_flush())
+        # the main process counts events as they arrive: exact across the crash
+        assert _get(f"http://127.0.0.1:{sc.sidecar.admin_port}/v1/stats")["events_emitted"] == len(rec.events) == 12
     finally:
         envoy.stop()
         sim.stop()

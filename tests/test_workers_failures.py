@@ -54,6 +54,7 @@ async def test_parent_counts_undecodable_events_and_sink_failures(tmp_path: Path
     ch.data_received(relay.frame(relay.EVENT, b"\xff\xff\xff")  # not a UsageEvent
                      + relay.frame(relay.EVENT, make_event(1).SerializeToString()))
     assert pool.stats.errors == {"relay_decode": 1, "sink_emit": 1}
+    assert pool.stats.events_emitted == 2  # counted as they arrive, the bad one too
     assert len(rec.events) == 1  # the broken sink did not cost the other its copy
     assert not ch.transport.is_closing()
 

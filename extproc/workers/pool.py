@@ -214,6 +214,7 @@ class WorkerPool:
                 return
             w.ready = self.loop.create_future()
             w.ready.add_done_callback(_retrieve)
+            self._spread_warned, self._started_at = False, time.monotonic()  # look again later
             w.last_stats = {}
             await self._spawn(w)
             if self.stopping:  # stop() began while this one was starting: it missed it
@@ -277,13 +278,17 @@ class WorkerPool:
         if conns and max(conns) > 0 and min(conns) == 0:
             self._spread_warned = True
             log.warning("%d of %d ext_proc workers have no connection (connections per worker: %s): Envoy "
-                        "opens one per worker thread once that thread carries traffic; with --concurrency "
+                        "opens one per worker thread once that thread carries traffic and keeps it, also "
+                        "when a worker restarts (a restart of Envoy spreads them again); with --concurrency "
                         "below %d some workers never get one", conns.count(0), len(conns), conns,
                         len(self.workers))
 
     def _on_frame(self, w: _Worker, kind: int, payload: bytes) -> None:
         w.last_heard = time.monotonic()
         if kind == relay.EVENT:
+            # counted here, not from the workers' counters: exact even for a worker that dies
+            # between two reports
+            self.stats.events_emitted += 1
             try:
                 event = UsageEvent.FromString(payload)
             except Exception:
@@ -299,6 +304,7 @@ class WorkerPool:
         elif kind == relay.STATS:
             snapshot = orjson.loads(payload)
             if isinstance(snapshot, dict):
+                snapshot.pop("events_emitted", None)  # counted as events arrive
                 self.stats.add_delta(snapshot, w.last_stats)
                 w.last_stats = snapshot
         elif kind == relay.READY:

@@ -58,16 +58,14 @@ class Sidecar:
         metric_readers: Sequence[Any] = (),
         with_storage: bool = True,
         relay: EventSink | None = None,
-        listen: bool = True,
+        stats: SidecarStats | None = None,
     ) -> None:
         self.settings = settings
-        self.stats = SidecarStats()
+        self.stats = stats if stats is not None else SidecarStats()
         self._extra_sinks = list(extra_sinks)
         self._metric_readers = list(metric_readers)
         self._with_storage = with_storage and relay is None
         self._relay = relay
-        # False: a worker whose main process accepts its connections (h2 transport)
-        self._listen = listen
         self.storage: Any = None
         self.telemetry: Any = None
         self.sinks: list[EventSink] = []
@@ -110,7 +108,7 @@ class Sidecar:
             await self._start_grpc()
         if self._relay is not None:
             log.info("worker serving ext_proc on %s (%s)", s.grpc.listen,
-                     "shared port" if self._listen else "connections handed over by the main process")
+                     "connections handed over by the main process" if s.grpc.transport == "h2" else "shared port")
             return
         await self._start_admin()
         log.info("ext_proc gRPC on %s (port %d%s), admin on http://%s:%d", s.grpc.listen, self.grpc_port,
@@ -142,17 +140,16 @@ class Sidecar:
         )
         self.service = service
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")
-        # a grpcio worker shares its port with its siblings (SO_REUSEPORT)
-        reuse_port = self._relay is not None
+        worker = self._relay is not None
         if s.grpc.transport == "h2":
             from extproc.transport import start_h2_server
 
+            # an h2 worker listens nowhere: the main process hands it connections
             self.grpc_server, self.grpc_port = await start_h2_server(
-                service.process, s.grpc.listen if self._listen else None, sessions=service.open_stream,
-                reuse_port=reuse_port)
+                service.process, None if worker else s.grpc.listen, sessions=service.open_stream)
         else:
-            self.grpc_server, self.grpc_port = await start_grpc_server(
-                service, s.grpc.listen, reuse_port=reuse_port)
+            # a grpcio worker shares the port with its siblings (SO_REUSEPORT)
+            self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen, reuse_port=worker)
 
     async def _start_admin(self) -> None:
         s = self.settings

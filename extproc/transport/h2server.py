@@ -25,6 +25,7 @@ from hpack import HPACKError
 from extproc import wire
 from extproc.transport import frames as f
 from extproc.transport import grpcproto as g
+from extproc.transport.address import parse_listen
 from extproc.transport.hpackcache import CachingDecoder
 from extproc.transport.stream import STREAM_WINDOW, Requests, Stream, StreamContext
 
@@ -798,16 +799,13 @@ class H2GrpcServer:
         self.stopping = False
         self._server: asyncio.Server | None = None
 
-    async def listen(self, listen: str, reuse_port: bool = False) -> int:
-        if listen.startswith("unix:"):
-            path = listen[len("unix://"):] if listen.startswith("unix://") else listen[len("unix:"):]
-            self._server = await self.loop.create_unix_server(lambda: _Connection(self), path)
+    async def listen(self, listen: str) -> int:
+        addr = parse_listen(listen)
+        if addr.path:
+            self._server = await self.loop.create_unix_server(lambda: _Connection(self), addr.path)
             return 0
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
         self._server = await self.loop.create_server(
-            lambda: _Connection(self), host or None, int(port), reuse_address=True, backlog=1024,
-            reuse_port=reuse_port or None)
+            lambda: _Connection(self), addr.host or None, addr.port, reuse_address=True, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def adopt(self, sock: socket.socket) -> None:
@@ -856,12 +854,12 @@ class H2GrpcServer:
 
 async def start_h2_server(handler: Handler, listen: str | None, *,
                           sessions: Callable[[tuple[tuple[str, str], ...]], Any] | None = None,
-                          reuse_port: bool = False) -> tuple[H2GrpcServer, int]:
+                          ) -> tuple[H2GrpcServer, int]:
     """Bind `listen` (host:port, port 0 = ephemeral, or unix:/path) and serve `handler` as
     /envoy.service.ext_proc.v3.ExternalProcessor/Process. With `sessions`, streams are served
-    inline by session objects instead (see H2GrpcServer). `reuse_port`: SO_REUSEPORT, the port
-    shared with sibling worker processes; `listen` None: no listener, connections come through
-    `adopt`. Returns the server and the bound port (0 for unix sockets and no listener)."""
+    inline by session objects instead (see H2GrpcServer). `listen` None: no listener,
+    connections come through `adopt` (worker processes). Returns the server and the bound port
+    (0 for unix sockets and no listener)."""
     server = H2GrpcServer(handler, sessions=sessions)
-    port = await server.listen(listen, reuse_port) if listen is not None else 0
+    port = await server.listen(listen) if listen is not None else 0
     return server, port

@@ -20,9 +20,10 @@ from typing import Any
 import orjson
 
 from extproc import relay
-from extproc.config import ConfigError, Settings
+from extproc.config import Settings
 from extproc.events import EventSink, UsageEvent
 from extproc.stats import SidecarStats
+from extproc.transport.address import parse_listen
 from extproc.workers.counted import CountedErrors
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ class _Worker:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def running(self) -> bool:
+        """Alive and listening (its ready message came)."""
+        r = self.ready
+        return self.alive and r.done() and not r.cancelled() and r.exception() is None
 
 
 class _ParentChannel(asyncio.Protocol):
@@ -233,8 +240,7 @@ class WorkerPool:
                 self._count("accept", f"accepting an ext_proc connection failed: {exc}")
                 return
             with conn:
-                ready = [w for w in self.workers if w.alive and w.conn_sock is not None and w.ready.done()
-                         and not w.ready.cancelled() and w.ready.exception() is None]
+                ready = [w for w in self.workers if w.running and w.conn_sock is not None]
                 if not ready:
                     self._count("no_worker", "an ext_proc connection arrived while no worker runs: closed")
                     continue
@@ -263,7 +269,7 @@ class WorkerPool:
             await asyncio.sleep(min(5.0, self.heartbeat_timeout / 4))
             now = time.monotonic()
             for w in self.workers:
-                if w.alive and w.ready.done() and now - w.last_heard > self.heartbeat_timeout:
+                if w.running and now - w.last_heard > self.heartbeat_timeout:
                     self._count("worker_stuck", f"ext_proc worker {w.index} (pid {w.proc.pid}) sent nothing for "
                                 f"{now - w.last_heard:.0f} s: its event loop is stuck; killed, to be started again")
                     with contextlib.suppress(ProcessLookupError):
@@ -274,7 +280,7 @@ class WorkerPool:
     def _check_spread(self, now: float) -> None:
         if not self.handoff or self._spread_warned or now - self._started_at < self.spread_check_after:
             return
-        conns = [w.open_connections for w in self.workers if w.alive and w.ready.done()]
+        conns = [w.open_connections for w in self.workers if w.running]
         if conns and max(conns) > 0 and min(conns) == 0:
             self._spread_warned = True
             log.warning("%d of %d ext_proc workers have no connection (connections per worker: %s): Envoy "
@@ -378,7 +384,7 @@ class WorkerPool:
     def stats_view(self) -> dict[str, Any]:
         return {
             "configured": len(self.workers),
-            "running": sum(1 for w in self.workers if w.alive and w.ready.done()),
+            "running": sum(1 for w in self.workers if w.running),
             "restarts": self.restarts,
             "pids": [w.proc.pid if w.alive else None for w in self.workers],  # type: ignore[union-attr]
             # since each worker's last start: how Envoy's connections were spread
@@ -394,14 +400,14 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 def _listen(listen: str) -> tuple[socket.socket, str, int]:
     """The parent's listener (hand-off mode): host:port or unix:/path, non-blocking."""
-    if listen.startswith("unix:"):
-        path = listen[len("unix://"):] if listen.startswith("unix://") else listen[len("unix:"):]
+    addr = parse_listen(listen)
+    if addr.path:
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)  # left by a previous run, as asyncio's unix servers do
+            if stat.S_ISSOCK(os.stat(addr.path).st_mode):
+                os.unlink(addr.path)  # left by a previous run, as asyncio's unix servers do
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
+            sock.bind(addr.path)
         except OSError:
             sock.close()
             raise
@@ -428,13 +434,9 @@ def _reserve(listen: str) -> tuple[socket.socket, str, int]:
 
 
 def _bind_tcp(listen: str, *, reuse_port: bool) -> tuple[socket.socket, str, int]:
-    host, _, port_text = listen.rpartition(":")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"grpc.listen {listen!r}: the port is not a number") from None
+    where = parse_listen(listen)
     family, kind, proto, _, addr = socket.getaddrinfo(
-        host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        where.host or None, where.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -445,4 +447,4 @@ def _bind_tcp(listen: str, *, reuse_port: bool) -> tuple[socket.socket, str, int
         sock.close()
         raise
     bound = sock.getsockname()[1]
-    return sock, f"{host}:{bound}", bound
+    return sock, f"{listen.rpartition(':')[0]}:{bound}", bound  # as given, brackets kept

@@ -100,10 +100,10 @@ class _WorkerChannel(asyncio.Protocol):
 class RelaySink:
     """A worker's only sink: each event goes to the parent, which stores and meters it."""
 
-    def __init__(self, channel: _WorkerChannel) -> None:
+    def __init__(self, channel: _WorkerChannel, stats: SidecarStats | None = None) -> None:
         self.channel = channel
-        # counted in the worker's own stats once its Sidecar exists (they reach the parent)
-        self._count = CountedErrors(SidecarStats(), log)
+        self.stats = stats if stats is not None else SidecarStats()  # the worker's: they reach the parent
+        self._count = CountedErrors(self.stats, log)
 
     def emit(self, event: UsageEvent) -> None:
         try:
@@ -115,14 +115,6 @@ class RelaySink:
             self._count("relay_overflow", "the parent process is not reading events: dropped (counted)")
         elif not self.channel.send(relay.frame(relay.EVENT, payload)):
             self._count("relay_closed", "the parent process is gone: event not stored (counted)")
-
-    @property
-    def stats(self) -> SidecarStats:
-        return self._count.stats
-
-    @stats.setter
-    def stats(self, stats: SidecarStats) -> None:
-        self._count.stats = stats
 
     async def start(self) -> None:
         return None
@@ -198,9 +190,8 @@ async def _serve(settings: Settings, sock: socket.socket, reader: relay.FrameRea
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     _, channel = await loop.create_unix_connection(lambda: _WorkerChannel(reader), sock=sock)
-    sink = RelaySink(channel)
-    sidecar = Sidecar(settings, relay=sink, listen=conn_sock is None)
-    sink.stats = sidecar.stats
+    stats = SidecarStats()
+    sidecar = Sidecar(settings, relay=RelaySink(channel, stats), stats=stats)
 
     def snapshot() -> dict[str, Any]:
         return {**sidecar.stats.snapshot(),

@@ -24,7 +24,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("extra", [[], ["--transport", "h2", "--workers", "2"]], ids=["default", "h2-workers"])
+@pytest.mark.parametrize("extra", [[], ["--transport", "grpcio"], ["--workers", "2"]],
+                         ids=["default", "grpcio", "workers"])
 def test_dev_report_live_and_after_stop(tmp_path, extra):
     ports = {k: free_port() for k in ("port", "envoy-admin-port", "grpc-port", "admin-port", "sim-port")}
     data = tmp_path / "data"
@@ -63,7 +64,7 @@ def test_dev_report_live_and_after_stop(tmp_path, extra):
         assert rows["alpha"]["requests"] == 2 and rows["beta"]["requests"] == 1
         assert sum(r["prompt_tokens"] for r in rows.values()) == usage["prompt"]
         assert sum(r["completion_tokens"] for r in rows.values()) == usage["completion"]
-        if extra:
+        if "--workers" in extra:
             import urllib.request
 
             with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin-port']}/v1/stats", timeout=10) as r:

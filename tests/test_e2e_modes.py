@@ -27,7 +27,7 @@ def sim(tmp_path_factory):
     proc.stop()
 
 
-@pytest.fixture(params=[("grpcio", "observe"), ("h2", "sync"), ("h2", "observe"), ("grpcio", "hybrid"),
+@pytest.fixture(params=[("grpcio", "sync"), ("grpcio", "observe"), ("h2", "sync"), ("h2", "observe"), ("grpcio", "hybrid"),
                         ("h2", "hybrid"), ("h2", "sync", "uvloop"), ("grpcio", "sync", "uvloop"),
                         ("h2", "sync", "busypoll")],
                 ids=lambda p: "-".join(p))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -114,21 +115,64 @@ def _targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# Shown with their range over rounds (--repeat); counts of failures are summed, never a median.
+RANGE_KEYS = ("rps_ratio", "added_p50_ms", "added_p99_ms", "sidecar_us_per_req", "envoy_us_per_req",
+              "added_ttft_p50_ms", "sidecar_us_per_event", "events_per_core_s")
+SUM_KEYS = ("events_lost", "ext_proc_errors", "failed")
+
+
+def merge_rounds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (config, workload): the median of each figure over its rounds, failure counts
+    summed, and `range` = (min, max) of the key figures. A single run is returned as it is."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["config"], r["workload"]), []).append(r)
+    merged = []
+    for rows in groups.values():
+        if len(rows) == 1:
+            merged.append(rows[0])
+            continue
+        out = dict(rows[0])
+        for key, v in rows[0].items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or key == "round":
+                continue
+            values = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
+            if key in SUM_KEYS:
+                out[key] = type(v)(sum(values))
+            elif values:
+                med = statistics.median(values)
+                out[key] = int(med) if isinstance(v, int) and med.is_integer() else med
+        out["rounds"] = len(rows)
+        out["range"] = {k: (min(vals), max(vals)) for k in RANGE_KEYS
+                        if (vals := [r[k] for r in rows if k in r and not math.isnan(r[k])])}
+        out.pop("round", None)
+        merged.append(out)
+    return merged
+
+
 def build(results: list[dict[str, Any]], meta: dict[str, Any], profile: dict[str, Any] | None) -> dict[str, Any]:
+    """`results`: every run (several per configuration with --repeat), each derived against the
+    Envoy-alone run paired with it before rounds are merged."""
     base = _baseline(results)
     for r in results:
         if r["config"] not in BASELINES and CONFIGS[r["config"]].json_upstream == "fixed":
             _derive(r, base.get(r["workload"]))
-    return {"meta": meta, "baseline": base, "results": results, "targets": _targets(results),
-            "notes": _notes(results, base, meta), "profile": profile}
+    merged = merge_rounds(results)
+    doc = {"meta": meta, "baseline": base, "results": merged, "targets": _targets(merged),
+           "notes": _notes(merged, base, meta, runs=results), "profile": profile}
+    if len(merged) < len(results):
+        doc["runs"] = results
+    return doc
 
 
 def _get(results: list[dict[str, Any]], cfg: str, wl: str) -> dict[str, Any]:
     return next((r for r in results if r["config"] == cfg and r["workload"] == wl), {})
 
 
-def _notes(results: list[dict[str, Any]], base: dict[str, dict[str, float]], meta: dict[str, Any]) -> list[str]:
+def _notes(results: list[dict[str, Any]], base: dict[str, dict[str, float]], meta: dict[str, Any],
+           runs: list[dict[str, Any]] | None = None) -> list[str]:
     notes = []
+    runs = results if runs is None else runs
     sim, direct, envoy = (_get(results, c, "json-c10") for c in ("direct-sim", "direct", "envoy"))
     if sim and direct:
         capped = envoy and sim["rps"] < envoy["rps"]
@@ -149,15 +193,17 @@ def _notes(results: list[dict[str, Any]], base: dict[str, dict[str, float]], met
             notes.append(f"Envoy alone, {wl}: RPS changed {b['drift_rps_pct']:+.1f}% between the first and the "
                          "last run (noise on a shared machine): sidecar rows compare with the Envoy-alone run "
                          "made just before them.")
-    loads = [r["loadavg"] for r in results]
+    loads = [r["loadavg"] for r in runs]
     if loads:
         notes.append(f"Load average during runs: {min(loads)} .. {max(loads)} (1/5/15 min); other work on the "
                      "machine adds noise.")
-    for r in results:
+    for r in runs:
         if r.get("events_lost"):
             started = r.get("ext_proc", {}).get("streams_started", "?")
             notes.append(
-                f"{r['config']} {r['workload']}: {r['events_lost']} events lost. Envoy received {r['envoy_rq']} "
+                f"{r['config']} {r['workload']}"
+                + (f" (round {r['round'] + 1})" if meta.get("rounds", 1) > 1 else "")
+                + f": {r['events_lost']} events lost. Envoy received {r['envoy_rq']} "
                 f"requests and started {started} ext_proc streams (errors it counted: "
                 f"{r.get('ext_proc_errors', 0)}); the sidecar's handler ran for {r.get('run_streams_opened', '?')} "
                 f"streams and emitted {r.get('run_events_emitted', '?')} events, {r['stored_requests']} stored; "
@@ -188,10 +234,19 @@ def _signed(v: Any) -> str:
     return _f(v, "+.2f")
 
 
+def _cell(r: dict[str, Any], key: str, fmt: str = ".2f") -> str:
+    """The value, and its range over rounds when there were several."""
+    text = _f(r.get(key), fmt)
+    span = r.get("range", {}).get(key)
+    if span and text != "–":
+        text += f" ({_f(span[0], fmt)}…{_f(span[1], fmt)})"
+    return text
+
+
 def _cpu_cell(r: dict[str, Any], key: str, fmt: str) -> str:
     if key not in r:
         return "–"
-    return f"{_f(r[key], fmt)} [{_f(r.get('sidecar_loop_pct'), '.0f')}, {_f(r.get('sidecar_sys_pct'), '.0f')}]"
+    return f"{_cell(r, key, fmt)} [{_f(r.get('sidecar_loop_pct'), '.0f')}, {_f(r.get('sidecar_sys_pct'), '.0f')}]"
 
 
 def _json_table(results: list[dict[str, Any]]) -> list[str]:
@@ -211,12 +266,12 @@ def _json_table(results: list[dict[str, Any]]) -> list[str]:
         err = [r.get("ext_proc_errors") for r in (a, b) if "ext_proc_errors" in r]
         lines.append(
             f"| {cfg} | {_f(a.get('rps'), '.0f')} | {_f(a.get('p50_ms'))} / {_f(a.get('p99_ms'))} "
-            f"| {_signed(a.get('added_p50_ms'))} / {_signed(a.get('added_p99_ms'))} "
-            f"| {_f(b.get('rps'), '.0f')} | {_f(b.get('rps_ratio'))} "
+            f"| {_cell(a, 'added_p50_ms', '+.2f')} / {_cell(a, 'added_p99_ms', '+.2f')} "
+            f"| {_f(b.get('rps'), '.0f')} | {_cell(b, 'rps_ratio')} "
             f"| {_f(b.get('p50_ms'))} / {_f(b.get('p99_ms'))} "
             f"| {_signed(b.get('added_p50_ms'))} / {_signed(b.get('added_p99_ms'))} | {side} "
             f"| {_f(b.get('sidecar_s_per_1k_req'), '.3f')} "
-            f"| {_f(b.get('msgs_per_req'), '.1f')} | {_f(b.get('envoy_us_per_req'), '.0f')} "
+            f"| {_f(b.get('msgs_per_req'), '.1f')} | {_cell(b, 'envoy_us_per_req', '.0f')} "
             f"| {sum(lost) if lost else '–'} | {sum(err) if err else '–'} "
             f"| {a.get('failed', 0) + b.get('failed', 0)} |")
     return lines
@@ -234,10 +289,10 @@ def _sse_table(results: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['config']} | {r['concurrency']} | {_f(r['rps'], '.1f')} | {_f(r['tokens'] / r['wall_s'], '.0f')} "
             f"| {_f(r['ttft_p50_ms'])} / {_f(r['ttft_p99_ms'])} "
-            f"| {_signed(r.get('added_ttft_p50_ms'))} / {_signed(r.get('added_ttft_p99_ms'))} "
+            f"| {_cell(r, 'added_ttft_p50_ms', '+.2f')} / {_signed(r.get('added_ttft_p99_ms'))} "
             f"| {_f(r['gap_p50_ms'])} / {_f(r['gap_p99_ms'])} "
             f"| {_signed(r.get('added_gap_p50_ms'))} / {_signed(r.get('added_gap_p99_ms'))} | {side} "
-            f"| {_f(r.get('sidecar_s_per_100k_tokens'), '.2f')} | {_f(r.get('events_per_core_s'), ',.0f')} "
+            f"| {_f(r.get('sidecar_s_per_100k_tokens'), '.2f')} | {_cell(r, 'events_per_core_s', ',.0f')} "
             f"| {r.get('events_lost', '–')} | {r.get('ext_proc_errors', '–')} | {r['failed']} |")
     return lines
 
@@ -293,6 +348,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} x {m['cpu']}, kernel {m['kernel']}, Python {m['python']}; "
         f"{m['date']}; load average {m['loadavg']} at start, {m['loadavg_end']} at end; "
         f"wall time {m['wall_s']} s. Code: {m.get('code', 'unknown')}.", "",
+        *([f"Every figure is the median of {m['rounds']} rounds (each configuration measured once per "
+           "round, each against its own Envoy-alone run), with its range over the rounds in "
+           "parentheses for the key figures; lost, ext_proc err and failed are totals.", ""]
+          if m.get("rounds", 1) > 1 else []),
         "Reproduce: `make bench` (`python -m bench.run --help` for subsets); the profile alone: "
         "`python -m bench.profile`; the in-process hot-path pieces: `python -m bench.micro`. "
         "JSON and chart: `bench/results/latest.json`, `bench/results/latest.png` (not committed).", "",

@@ -77,10 +77,15 @@ def main() -> None:
     p.add_argument("--no-micro", action="store_true", help="skip the in-process hot-path costs (bench.micro)")
     p.add_argument("--no-paired", action="store_true",
                    help="compare with the envoy / envoy-end runs only, not an Envoy-alone run before each")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every configuration N times, round after round; tables show the median "
+                        "and each key figure's range over the rounds (lost / errors / failed: totals)")
     p.add_argument("--keep-workdir", action="store_true", help="keep logs, configs and chDB dirs")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     args = p.parse_args()
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
 
     wanted = set(args.configs.split(",")) | (set(scenario.LEVER_CONFIGS) if args.levers else set())
     if unknown := wanted - set(scenario.CONFIGS):
@@ -102,10 +107,13 @@ def main() -> None:
     profile: dict[str, Any] | None = None
     micro: list[tuple[str, float, str]] = []
     try:
-        for name in [n for n in scenario.CONFIGS if n in wanted]:  # envoy-end stays last
-            cfg = scenario.CONFIGS[name]
-            print(f"{name}: {cfg.about}", flush=True)
-            results.extend(scenario.run_config(b, cfg, wls, log=lambda s: print(s, flush=True)))
+        for rnd in range(args.repeat):
+            for name in [n for n in scenario.CONFIGS if n in wanted]:  # envoy-end stays last in a round
+                cfg = scenario.CONFIGS[name]
+                print(f"{name}{f' (round {rnd + 1}/{args.repeat})' if args.repeat > 1 else ''}: {cfg.about}",
+                      flush=True)
+                for r in scenario.run_config(b, cfg, wls, log=lambda s: print(s, flush=True)):
+                    results.append({**r, "round": rnd})
         if not args.no_profile:
             from bench import profile as prof
 
@@ -125,7 +133,7 @@ def main() -> None:
             "loadavg_end": report.machine_info()["loadavg"],
             "workdir": str(workdir) if args.keep_workdir else None,
             "workloads": {k: vars(v) for k, v in wls.items()},
-            "tokens_per_second": args.tokens_per_second, "sse_tokens": SSE_TOKENS}
+            "tokens_per_second": args.tokens_per_second, "sse_tokens": SSE_TOKENS, "rounds": args.repeat}
     doc = report.build(results, meta, profile)
     doc["micro"] = [{"what": w, "us": us, "per": per} for w, us, per in micro]
     args.out.mkdir(parents=True, exist_ok=True)

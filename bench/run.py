@@ -112,7 +112,7 @@ def main() -> None:
                 cfg = scenario.CONFIGS[name]
                 print(f"{name}{f' (round {rnd + 1}/{args.repeat})' if args.repeat > 1 else ''}: {cfg.about}",
                       flush=True)
-                for r in scenario.run_config(b, cfg, wls, log=lambda s: print(s, flush=True)):
+                for r in scenario.run_config(b, cfg, wls, log=lambda s: print(s, flush=True), round_=rnd):
                     results.append({**r, "round": rnd})
         if not args.no_profile:
             from bench import profile as prof

@@ -283,10 +283,14 @@ def _loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def run_config(b: Bench, cfg: Config, wls: dict[str, Workload], log: Any = print) -> list[dict[str, Any]]:
+def run_config(b: Bench, cfg: Config, wls: dict[str, Workload], log: Any = print,
+               round_: int = 0) -> list[dict[str, Any]]:
+    """`round_` (--repeat): each round's sidecar stores into a directory of its own, so the events
+    counted for a run are that run's alone."""
     sidecar = None
     if cfg.kind == "sidecar":
-        sidecar = Sidecar(b.workdir / cfg.name, cfg.transport, uds=cfg.uds, settings=cfg.settings).start()
+        workdir = b.workdir / (f"{cfg.name}.r{round_ + 1}" if round_ else cfg.name)
+        sidecar = Sidecar(workdir, cfg.transport, uds=cfg.uds, settings=cfg.settings).start()
     results: list[dict[str, Any]] = []
     try:
         for name in cfg.workloads:

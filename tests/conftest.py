@@ -1,6 +1,6 @@
 """Suite-wide guard: the batcher's catch-all (an unexpected exception in its worker loop, logged
 and retried) hides bugs from every test that only checks the rows in the end. It must never fire:
-no test injects such a fault on purpose."""
+no test injects such a fault on purpose. Also the simulator, shared by a module's tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ import logging
 
 import pytest
 
+from tests.stack import start_sim
+
 CATCH_ALL = "batcher worker error"
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """The vLLM simulator's URL (default settings), one per test module."""
+    proc, url = start_sim(tmp_path_factory.mktemp("sim"))
+    yield url
+    proc.stop()
 
 
 @pytest.fixture(autouse=True)

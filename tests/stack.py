@@ -93,6 +93,18 @@ def sidecar_settings(data_dir: Path, **overrides: Any) -> Settings:
     return load_settings(None, base, environ={})
 
 
+def serve_process(workdir: Path, *args: str, env: dict[str, str] | None = None,
+                  data_dir: Path | None = None) -> tuple[ManagedProcess, int, int]:
+    """`extproc serve` as a process of its own (for signals and exit codes), on free loopback
+    ports, storing under workdir. Returns it not yet started, with its gRPC and admin ports."""
+    grpc_port, admin_port = free_port(), free_port()
+    argv = python_cli("serve", "--listen", f"127.0.0.1:{grpc_port}", "--admin-port", str(admin_port),
+                      "--data-dir", str(data_dir or workdir / "data"), "--spool-dir", str(workdir / "spool"), *args)
+    proc = ManagedProcess("sidecar", argv, ready_url=f"http://127.0.0.1:{admin_port}/readyz",
+                          log_path=workdir / "sidecar.log", env=env)
+    return proc, grpc_port, admin_port
+
+
 def start_sim(workdir: Path, *args: str) -> tuple[ManagedProcess, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

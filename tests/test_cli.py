@@ -124,13 +124,10 @@ def test_data_dir_gets_its_own_spool_unless_one_is_configured(tmp_path):
 
 
 def test_report_on_a_directory_held_by_a_running_sidecar_says_what_to_do(tmp_path):
-    from extproc.devstack import ManagedProcess, python_cli
+    from tests.stack import serve_process
 
-    admin = free_port()
     data = tmp_path / "held"
-    proc = ManagedProcess("sidecar", python_cli("serve", "--data-dir", str(data), "--admin-port", str(admin),
-                                                "--listen", f"127.0.0.1:{free_port()}"),
-                          ready_url=f"http://127.0.0.1:{admin}/readyz", log_path=tmp_path / "log")
+    proc, _, _ = serve_process(tmp_path, data_dir=data)
     proc.start()
     try:
         out = _cli("report", "--data-dir", str(data), "--admin-url", f"http://127.0.0.1:{free_port()}")

@@ -14,17 +14,9 @@ from tests.stack import (
     envoy_stats,
     sidecar_settings,
     start_envoy,
-    start_sim,
     wait_events,
 )
 from tests.test_e2e import MODEL, MSG, _sim_counters
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    proc, url = start_sim(tmp_path_factory.mktemp("sim"))
-    yield url
-    proc.stop()
 
 
 @pytest.fixture(params=[("grpcio", "sync"), ("grpcio", "observe"), ("h2", "sync"), ("h2", "observe"), ("grpcio", "hybrid"),

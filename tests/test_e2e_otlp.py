@@ -9,9 +9,8 @@ import time
 
 import openai
 
-from extproc.devstack import ManagedProcess, free_port, python_cli
 from extproc.telemetry.testing import OtlpHttpReceiver
-from tests.stack import start_envoy, start_sim
+from tests.stack import serve_process, start_envoy, start_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -22,16 +21,10 @@ def test_sidecar_process_exports_otlp(tmp_path):
     thread.start()
     receiver = asyncio.run_coroutine_threadsafe(OtlpHttpReceiver().__aenter__(), loop).result(10)
     sim, sim_url = start_sim(tmp_path)
-    grpc_port, admin_port = free_port(), free_port()
-    sidecar = ManagedProcess(
-        "sidecar",
-        python_cli("serve", "--listen", f"127.0.0.1:{grpc_port}", "--admin-port", str(admin_port),
-                   "--data-dir", str(tmp_path / "data")),
-        ready_url=f"http://127.0.0.1:{admin_port}/readyz", log_path=tmp_path / "sidecar.log",
-        env={"EXTPROC_METRICS__OTLP": "true", "EXTPROC_SPOOL__DIR": str(tmp_path / "spool"),
-             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-             "OTEL_METRIC_EXPORT_INTERVAL": "300", "OTEL_SERVICE_NAME": "extproc-e2e"},
-    )
+    sidecar, grpc_port, _ = serve_process(tmp_path, env={
+        "EXTPROC_METRICS__OTLP": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        "OTEL_SERVICE_NAME": "extproc-e2e"})
     sidecar.start()
     envoy, url, _ = start_envoy(tmp_path, sim_url, grpc_port)
     try:

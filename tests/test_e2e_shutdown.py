@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from extproc.devstack import ManagedProcess, free_port, python_cli
 from extproc.storage import open_storage
-from tests.stack import sidecar_settings, start_envoy, start_sim
+from tests.stack import serve_process, sidecar_settings, start_envoy, start_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -25,15 +24,8 @@ def test_sigterm_mid_load_loses_no_event(tmp_path, workers):
     """workers=2: the parent signals its workers, which drain their streams and relay their
     last events before the parent flushes and stops."""
     sim, sim_url = start_sim(tmp_path, "--tokens-per-second", "400")
-    grpc_port, admin_port = free_port(), free_port()
+    sidecar, grpc_port, _ = serve_process(tmp_path, "--workers", str(workers))
     log = tmp_path / "sidecar.log"
-    sidecar = ManagedProcess(
-        "sidecar",
-        python_cli("serve", "--listen", f"127.0.0.1:{grpc_port}", "--admin-port", str(admin_port),
-                   "--data-dir", str(tmp_path / "data"), "--workers", str(workers)),
-        ready_url=f"http://127.0.0.1:{admin_port}/readyz", log_path=log,
-        env={"EXTPROC_SPOOL__DIR": str(tmp_path / "spool")},
-    )
     sidecar.start()
     envoy, url, _ = start_envoy(tmp_path, sim_url, grpc_port, concurrency=workers)
     done = threading.Event()

@@ -18,19 +18,11 @@ from tests.stack import (
     envoy_stats,
     sidecar_settings,
     start_envoy,
-    start_sim,
     wait_events,
 )
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MSG = [{"role": "user", "content": "Say something about GPUs."}]
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    proc, url = start_sim(tmp_path_factory.mktemp("sim"))
-    yield url
-    proc.stop()
 
 
 def _traffic(url: str, user: str, usage_chunk_shown: bool = False) -> list[tuple[int, int]]:

@@ -11,8 +11,7 @@ import urllib.request
 
 import openai
 
-from extproc.devstack import ManagedProcess, free_port, python_cli
-from tests.stack import envoy_stats, start_envoy, start_sim
+from tests.stack import envoy_stats, serve_process, start_envoy, start_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -24,14 +23,7 @@ def _usage(admin_port: int) -> dict[str, dict]:
 
 def test_a_frozen_sidecar_fails_open_and_the_request_is_still_recorded(tmp_path):
     sim, sim_url = start_sim(tmp_path)
-    grpc_port, admin_port = free_port(), free_port()
-    sidecar = ManagedProcess(
-        "sidecar",
-        python_cli("serve", "--listen", f"127.0.0.1:{grpc_port}", "--admin-port", str(admin_port),
-                   "--data-dir", str(tmp_path / "data")),
-        ready_url=f"http://127.0.0.1:{admin_port}/readyz", log_path=tmp_path / "sidecar.log",
-        env={"EXTPROC_SPOOL__DIR": str(tmp_path / "spool")},
-    )
+    sidecar, grpc_port, admin_port = serve_process(tmp_path)
     sidecar.start()
     envoy, url, envoy_admin = start_envoy(tmp_path, sim_url, grpc_port)  # message_timeout 1 s
 

@@ -18,11 +18,11 @@ import pytest
 
 from extproc import wire
 from extproc.config import ConfigError
-from extproc.devstack import ManagedProcess, free_port, python_cli
 from tests import ext_proc_msgs as m
 from tests.stack import (
     RecordingSink,
     ThreadedSidecar,
+    serve_process,
     sidecar_settings,
     start_envoy,
     start_sim,
@@ -193,12 +193,7 @@ def _exited(pid: int) -> bool:
 
 
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path):
-    admin = free_port()
-    parent = ManagedProcess(
-        "sidecar", python_cli("serve", "--workers", "2", "--transport", "h2", "--listen", f"127.0.0.1:{free_port()}",
-                              "--admin-port", str(admin), "--data-dir", str(tmp_path / "data"),
-                              "--spool-dir", str(tmp_path / "spool")),
-        ready_url=f"http://127.0.0.1:{admin}/readyz", log_path=tmp_path / "sidecar.log")
+    parent, _, admin = serve_process(tmp_path, "--workers", "2", "--transport", "h2")
     parent.start(timeout=120)
     pids = _workers(admin)["pids"]
     try:

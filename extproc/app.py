@@ -111,8 +111,9 @@ class Sidecar:
                      "connections handed over by the main process" if s.grpc.transport == "h2" else "shared port")
             return
         await self._start_admin()
-        log.info("ext_proc gRPC on %s (port %d%s), admin on http://%s:%d", s.grpc.listen, self.grpc_port,
-                 f", {s.grpc.workers} worker processes" if self.workers else "", s.admin.host, self.admin_port)
+        log.info("ext_proc gRPC on %s (port %d, %s transport%s), admin on http://%s:%d", s.grpc.listen,
+                 self.grpc_port, s.grpc.transport, f", {s.grpc.workers} worker processes" if self.workers else "",
+                 s.admin.host, self.admin_port)
 
     async def _start_sinks(self) -> None:
         s = self.settings

@@ -59,6 +59,7 @@ def test_sigterm_mid_load_loses_no_event(tmp_path, workers):
         sim.stop()
     assert rc == 0
     text = log.read_text()
+    assert "h2 transport" in text  # the default, as the startup line tells operators
     m = re.search(r"stopped: (\d+) events emitted, (\d+) inserted, (\d+) left in the spool.*, (\d+) dropped", text)
     assert m, text[-3000:]
     emitted, inserted, backlog, dropped = map(int, m.groups())

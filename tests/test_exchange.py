@@ -144,6 +144,55 @@ def test_embeddings_input_tokens_only():
     assert (ev.endpoint, ev.prompt_tokens, ev.completion_tokens, ev.total_tokens, ev.stream) == ("embeddings", 7, 0, 7, False)
 
 
+def test_embeddings_without_usage_count_every_input_form_with_the_tokenizer():
+    """An upstream that reports no usage: strings are tokenized, token-id inputs counted as they are."""
+    count = TOKENIZERS.for_model("e").count
+    body = orjson.dumps({"object": "list", "data": [{"embedding": [0.1]}] * 3, "model": "e"})
+    cases = [("hello world", count("hello world")),
+             (["hello", "good bye", [1, 2, 3], ["not", "ids"]], count("hello") + count("good bye") + 3),
+             ([5, 6, 7, 8], 4)]
+    for inputs, want in cases:
+        ex = _exchange()
+        _run(ex, [m.request_headers("/v1/embeddings"), m.body(orjson.dumps({"model": "e", "input": inputs}), eos=True),
+                  m.response_headers(content_type="application/json"), m.body(body, response=True, eos=True)])
+        ev = ex.finish()
+        assert (ev.prompt_tokens, ev.total_tokens, ev.completion_tokens) == (want, want, 0), inputs
+        assert ev.token_source == TokenSource.TOKENIZER and ev.tokenizer == TOKENIZERS.for_model("e").name
+
+
+def test_aborted_completion_stream_counts_its_prompt_with_the_tokenizer():
+    count = TOKENIZERS.for_model("m").count
+    chunk = orjson.dumps({"id": "c", "object": "text_completion", "model": "m",
+                          "choices": [{"index": 0, "text": " the answer", "finish_reason": None}]})
+    for prompt, want_prompt in (("Say hi", count("Say hi")), (["first", "second"], count("first\nsecond"))):
+        ex = _exchange()
+        _run(ex, [m.request_headers("/v1/completions"),
+                  m.body(orjson.dumps({"model": "m", "prompt": prompt, "stream": True}), eos=True),
+                  m.response_headers(), m.body(m.sse(chunk), response=True)])
+        ev = ex.finish()  # Envoy reset the stream here
+        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER
+        assert (ev.prompt_tokens, ev.completion_tokens) == (want_prompt, count(" the answer")), prompt
+
+
+def test_chat_content_parts_count_their_text_only():
+    """OpenAI's list-of-parts content (text and images): the text parts are the prompt's text."""
+    count = TOKENIZERS.for_model("m").count
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this"},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                             {"type": "text", "text": "briefly"}]}]
+    plain = [{"role": "user", "content": "Describe this\nbriefly"}]
+    counted = []
+    for msgs in (messages, plain):
+        ex = _exchange()
+        _run(ex, [m.request_headers(), m.body(_chat_request(messages=msgs, stream=True), eos=True),
+                  m.response_headers(), m.body(m.sse(_chunk("Sure")), response=True)])
+        ev = ex.finish()
+        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER
+        assert ev.completion_tokens == count("Sure")
+        counted.append(ev.prompt_tokens)
+    assert counted[0] == counted[1] > 0  # the image part adds no text
+
+
 @pytest.mark.parametrize(("payload", "kind"), [(b"{not json", "malformed_request_json"),
                                                (b"\xff\xfe{}", "non_utf8_request"),
                                                (b"[1, 2]", "malformed_request_json")])
@@ -179,6 +228,57 @@ def test_malformed_sse_json_is_flagged_and_stream_continues():
               m.body(m.sse(b"{broken", _chunk("ok", finish="stop"), _chunk(choices=False, usage=USAGE), "[DONE]"), response=True, eos=True)])
     ev = ex.finish()
     assert ev.error == "malformed_response" and ev.completion_tokens == 3
+
+
+@pytest.mark.parametrize(("body", "detail"), [(b"", "empty response body"),
+                                              (b"[1, 2]", "response body is not a JSON object"),
+                                              (b"<html>bad gateway</html>", "response body is not JSON")])
+def test_unusable_json_response_is_flagged(body, detail):
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(), eos=True),
+              m.response_headers(content_type="application/json"), m.body(body, response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.error == "malformed_response" and ev.error_detail.startswith(detail)
+    # nothing to count from, and no guess: the event says so
+    assert ev.http_status == 200 and not ev.client_aborted and ev.token_source == TokenSource.NONE
+
+
+def test_oversized_json_response_is_flagged_not_parsed(monkeypatch):
+    from extproc.processors import base
+
+    monkeypatch.setattr(base, "MAX_JSON_BODY", 100)
+    body = orjson.dumps({"model": "m", "choices": [], "usage": USAGE, "pad": "x" * 200})
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(), eos=True),
+              m.response_headers(content_type="application/json"),
+              m.body(body[:150], response=True), m.body(body[150:], response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.error == "response_too_large" and ev.error_detail == f"{len(body)} bytes, not parsed"
+
+
+def test_sse_events_that_are_not_chunks_are_flagged_and_the_stream_still_counts():
+    """vLLM reports an engine failure mid-stream as an `error` event; anything that is not a JSON
+    object is malformed. Either way the chunks around it still count, and the first problem wins."""
+    error = orjson.dumps({"error": {"message": "engine died", "type": "InternalServerError", "code": 500}})
+    for bad, kind, detail in ((error, "upstream_error", "engine died"),
+                              (b"[1, 2]", "malformed_response", "SSE data is not a JSON object")):
+        ex = _exchange()
+        _run(ex, [m.request_headers(), m.body(_chat_request(stream=True), eos=True), m.response_headers(),
+                  m.body(m.sse(_chunk("one"), bad, _chunk(" two", finish="stop"), _chunk(choices=False, usage=USAGE),
+                               "[DONE]"), response=True, eos=True)])
+        ev = ex.finish()
+        assert (ev.error, ev.error_detail) == (kind, detail)
+        assert (ev.prompt_tokens, ev.completion_tokens) == (11, 3) and not ev.client_aborted
+
+
+def test_json_answer_to_a_stream_request_is_parsed_as_json():
+    body = orjson.dumps({"model": "m", "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
+                         "usage": USAGE})
+    ex = _exchange()
+    _run(ex, [m.request_headers(), m.body(_chat_request(stream=True), eos=True),
+              m.response_headers(content_type="application/json"), m.body(body, response=True, eos=True)])
+    ev = ex.finish()
+    assert ev.stream and not ev.error and (ev.prompt_tokens, ev.completion_tokens) == (11, 3)
 
 
 def test_unknown_path_passes_through_unmetered_but_counted():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from extproc.events import TokenSource
 from extproc.storage.migrations import load_migrations, migrate
 from extproc.storage.sink import batch_token
-from extproc.storage.store import Storage
+from extproc.storage.store import Storage, open_storage_sync
 from tests.storage_helpers import chdb_storage, flaky, make_event, settings_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +239,24 @@ async def test_protobuf_inserts_leave_nothing_in_the_working_directory(tmp_path:
     assert list(cwd.iterdir()) == []
     if dsn == "dir":
         assert (tmp_path / "chdb" / "format_schemas" / "usage_event.proto").is_file()
+
+
+def test_a_call_that_timed_out_holds_new_calls_back_instead_of_queueing_them(tmp_path: Path) -> None:
+    """A ClickHouse call that outlives its timeout keeps the one ClickHouse thread: the next call
+    waits for it (up to its own timeout) rather than queueing behind it, so retries cannot stack
+    up duplicate inserts; once it ends, calls go through again."""
+    storage = open_storage_sync(settings_for(tmp_path))
+    release = threading.Event()
+    try:
+        with pytest.raises(TimeoutError):
+            storage.call(lambda c: release.wait(10), timeout=0.2)
+        with pytest.raises(TimeoutError, match="still busy with a call that timed out"):
+            storage.call(lambda c: c.command("SELECT 1"), timeout=0.2)
+        release.set()
+        assert storage.call(lambda c: c.command("SELECT 41 + 1"), timeout=10) == 42
+    finally:
+        release.set()
+        storage.close_sync()
+        storage.close_sync()  # twice is harmless
+    with pytest.raises(RuntimeError, match="storage is closed"):
+        storage.call(lambda c: None)

@@ -254,3 +254,59 @@ async def test_emit_does_not_block_while_clickhouse_hangs(tmp_path: Path) -> Non
     release.set()
     await bp.shutdown()
     assert len(w.ids()) == 2000
+
+
+@pytest.mark.parametrize("writer_cls", [FakeWriter, PipelinedFakeWriter])
+@pytest.mark.parametrize("fsync", ["batch", "always"])
+async def test_disk_full_under_the_spool_loses_no_event(tmp_path: Path, fsync: str, writer_cls, monkeypatch) -> None:
+    """ENOSPC while spooling (a write in batch mode, a new preallocated segment in always mode,
+    batch marks and acks in the manifest): the events stay queued in memory and reach ClickHouse
+    once each, no batch waits for the disk, the errors are counted, and once the disk has room
+    again the spool carries on: a restart finds nothing left to replay."""
+    import errno
+    import os
+
+    from extproc.storage import spool as spool_mod
+
+    full = {"on": False, "hits": 0}
+    real_write, real_fallocate = os.write, os.posix_fallocate
+
+    def _segment(fd: int) -> bool:  # the spool's files: segments and the manifest (batches, acks)
+        return os.readlink(f"/proc/self/fd/{fd}").endswith((".seg", "manifest.log"))
+
+    def write(fd, data):  # noqa: ANN001, ANN202
+        if full["on"] and _segment(fd):
+            full["hits"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    def fallocate(fd, offset, length):  # noqa: ANN001, ANN202
+        if full["on"]:
+            full["hits"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(spool_mod.os, "write", write)
+    monkeypatch.setattr(spool_mod.os, "posix_fallocate", fallocate)
+    w = writer_cls()
+    bp = batcher(tmp_path, w, fsync=fsync, max_batch_size=50, flush_interval_ms=20)
+    await bp.start()
+    events = [make_event(i) for i in range(600)]
+    for n, e in enumerate(events):
+        full["on"] = 200 <= n < 400  # small segments: in always mode new ones are needed meanwhile
+        bp.emit(e)
+        if n % 50 == 0:
+            await asyncio.sleep(0.03)  # let batch mode's flusher write while the disk is full
+    full["on"] = False
+    await bp.shutdown()
+    assert full["hits"] > 0
+    assert_exactly_once(w, [e.event_id for e in events])
+    assert bp.events_dropped == 0
+    assert bp.spool_errors > 0 and bp.stats()["spool_errors"] == bp.spool_errors  # what /metrics shows
+    assert bp.events_inserted == len(events)
+
+    w2 = writer_cls()
+    again = batcher(tmp_path, w2, fsync=fsync)
+    await again.start()
+    await again.shutdown()
+    assert w2.rows == [] and again.events_recovered == 0

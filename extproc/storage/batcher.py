@@ -93,7 +93,7 @@ class BatchProcessor:
         self.events_recovered = 0  # found unacknowledged in the spool at start
         self.events_dead_lettered = 0
         self.events_dropped = 0  # must stay 0: only emit after shutdown / disk failure
-        self.spool_errors = 0
+        self._append_errors = 0  # appends that failed (fsync=always writes in append)
         self.batches_inserted = 0
         self.insert_failures = 0
         self.last_flush_seconds = 0.0
@@ -112,6 +112,11 @@ class BatchProcessor:
         if self._state == "new":
             return len(self._prestart)
         return max(0, self._spool.next_seq - self._spool.acked)
+
+    @property
+    def spool_errors(self) -> int:
+        """Failed spool writes: in append (fsync=always) or in the spool's flusher (batch/never)."""
+        return self._append_errors + self._spool.write_errors
 
     @property
     def spool_bytes(self) -> int:
@@ -181,7 +186,7 @@ class BatchProcessor:
             except OSError:
                 seq = self._spool.next_seq - 1  # its seq became a gap on disk
                 on_disk = False
-                self.spool_errors += 1
+                self._append_errors += 1
                 self._log_limited("spool", logging.ERROR, "spool write failed", exc=True)
             if not self._overflow and len(self._mem) < self._max_queue:
                 self._mem.append((seq, payload))
@@ -426,8 +431,16 @@ class BatchProcessor:
         if not r.batch.records:
             return None
         if not r.batch.replay and not r.marked:
-            self._spool.ensure_durable(r.batch.end)
-            self._spool.mark_batch(r.batch.first, r.batch.end)
+            try:
+                self._spool.ensure_durable(r.batch.end)
+                self._spool.mark_batch(r.batch.first, r.batch.end)
+            except OSError:
+                # Disk full / I/O error (the spool counted it): the batch is whole in memory, so
+                # it goes to ClickHouse now rather than wait for the disk. Not marked: a crash
+                # before its ack can no longer rebuild it exactly, and may re-insert its part
+                # that reached the disk.
+                self._log_limited("durable", logging.ERROR, "spool could not store batch %d-%d on "
+                                  "disk; inserting it from memory", r.batch.first, r.batch.end - 1)
             r.marked = True
         if r.prepared is None:
             return None

@@ -33,6 +33,7 @@ A torn record at the end of a segment (crash mid-write) is cut off when the spoo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -431,7 +432,6 @@ class Spool:
                 view = view[os.write(fd, view):]
         except OSError:
             with guard:
-                self.write_errors += 1
                 # never leave a partial record inside a segment: cut it off and seal
                 with suppress(OSError):
                     os.ftruncate(fd, size)
@@ -498,6 +498,7 @@ class Spool:
                 except OSError:
                     # disk full / I/O error: these records exist only in memory now (the
                     # batcher still inserts the ones its queue holds); counted, logged
+                    self.write_errors += 1
                     self.records_lost += end - self._written_seq
                     log.exception("spool: could not write %d record(s)", end - self._written_seq)
                     raise
@@ -601,7 +602,11 @@ class Spool:
         with self._man_lock:
             if end <= self._acked:
                 return
-            self._man_append(self._man_record(b"A", 0, end))
+            try:
+                self._man_append(self._man_record(b"A", 0, end))
+            except OSError as exc:  # disk full: the events are stored all the same
+                log.warning("spool: could not record ack %d on disk (%s); a restart replays "
+                            "those batches, deduplicated", end, exc)
             self._acked = end
             while self._pending_batches and self._pending_batches[0][1] <= end:
                 self._pending_batches.popleft()
@@ -612,7 +617,14 @@ class Spool:
     def _man_append(self, record: bytes) -> None:
         if self._man_fd is None:
             raise SpoolClosed("spool is closed")
-        os.write(self._man_fd, record)
+        try:
+            if os.write(self._man_fd, record) != len(record):
+                raise OSError(errno.ENOSPC, "short write to the spool manifest")
+        except OSError:
+            self.write_errors += 1
+            with suppress(OSError):  # no torn record left for later ones to follow (O_APPEND)
+                os.ftruncate(self._man_fd, self._man_size)
+            raise
         self._man_size += len(record)
 
     def _delete_acked(self) -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.stack import start_sim
 
+pytest_plugins = ["pytester"]  # test_conftest_guard.py runs the guard on a test of its own
+
 CATCH_ALL = "batcher worker error"
 
 

@@ -27,7 +27,7 @@ class GrpcSettings:
     # host:port, or unix:/path/to.sock
     listen: str = "127.0.0.1:50051"
     # h2: our lean HTTP/2 + gRPC framer for the one method Envoy calls (extproc/transport),
-    # 4-5x less CPU per request than grpcio and no streams lost under load in observability
+    # about 4x less CPU per request than grpcio and no streams lost under load in observability
     # mode. grpcio: grpc.aio, the conservative choice. See README "Modes and transports".
     transport: str = "h2"
     # asyncio: the standard library's event loop. uvloop: libuv's (C), fewer CPU cycles per

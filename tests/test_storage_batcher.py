@@ -304,6 +304,7 @@ async def test_disk_full_under_the_spool_loses_no_event(tmp_path: Path, fsync: s
     assert bp.events_dropped == 0
     assert bp.spool_errors > 0 and bp.stats()["spool_errors"] == bp.spool_errors  # what /metrics shows
     assert bp.events_inserted == len(events)
+    assert bp._spool.manifest_errors > 0  # batch marks or acks hit the full disk too
 
     w2 = writer_cls()
     again = batcher(tmp_path, w2, fsync=fsync)

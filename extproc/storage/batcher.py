@@ -115,8 +115,9 @@ class BatchProcessor:
 
     @property
     def spool_errors(self) -> int:
-        """Failed spool writes: in append (fsync=always) or in the spool's flusher (batch/never)."""
-        return self._append_errors + self._spool.write_errors
+        """Failed spool writes: in append (fsync=always), in the spool's flusher (batch/never),
+        of the manifest (batch marks, acks)."""
+        return self._append_errors + self._spool.write_errors + self._spool.manifest_errors
 
     @property
     def spool_bytes(self) -> int:

@@ -184,6 +184,7 @@ class Spool:
         self._thread: threading.Thread | None = None
         self.bytes_on_disk = 0
         self.write_errors = 0
+        self.manifest_errors = 0
         self.records_lost = 0
         self.dead_lettered = 0
         self.corrupt_bytes = 0
@@ -621,7 +622,7 @@ class Spool:
             if os.write(self._man_fd, record) != len(record):
                 raise OSError(errno.ENOSPC, "short write to the spool manifest")
         except OSError:
-            self.write_errors += 1
+            self.manifest_errors += 1  # under _man_lock (write_errors is the flusher's)
             with suppress(OSError):  # no torn record left for later ones to follow (O_APPEND)
                 os.ftruncate(self._man_fd, self._man_size)
             raise

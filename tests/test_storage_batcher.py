@@ -311,3 +311,46 @@ async def test_disk_full_under_the_spool_loses_no_event(tmp_path: Path, fsync: s
     await again.start()
     await again.shutdown()
     assert w2.rows == [] and again.events_recovered == 0
+
+
+async def test_disk_full_at_shutdown_with_clickhouse_down_says_what_is_lost(tmp_path: Path, monkeypatch,
+                                                                             caplog) -> None:
+    """The worst case: ClickHouse down and the disk full when the sidecar stops. Shutdown still
+    completes (no exception), says how many events could not be kept, and the next start replays
+    exactly what had reached the disk before it filled up."""
+    import errno
+    import os
+
+    from extproc.storage import spool as spool_mod
+
+    full = {"on": False}
+    real_write = os.write
+
+    def write(fd, data):  # noqa: ANN001, ANN202
+        if full["on"] and os.readlink(f"/proc/self/fd/{fd}").endswith((".seg", "manifest.log")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(spool_mod.os, "write", write)
+    down = flaky(FakeWriter())
+    down.failing.set()
+    bp = batcher(tmp_path, down, max_batch_size=50)
+    await bp.start()
+    kept = [make_event(i) for i in range(100)]
+    for e in kept:
+        bp.emit(e)
+    assert await asyncio.to_thread(wait_until, lambda: bp._spool.written_seq >= 100, 5)  # on disk
+    full["on"] = True
+    for i in range(100, 300):
+        bp.emit(make_event(i))
+    with caplog.at_level(logging.ERROR, logger="extproc.storage.batcher"):
+        await bp.shutdown(timeout=1)
+    assert any(r.getMessage().startswith("shutdown: 300 usage event(s) not yet in ClickHouse; 200 of them could "
+                                         "not be written to the spool") for r in caplog.records)
+
+    full["on"] = False
+    w = FakeWriter()
+    again = batcher(tmp_path, w)
+    await again.start()
+    await again.shutdown()
+    assert_exactly_once(w, [e.event_id for e in kept])

@@ -282,7 +282,12 @@ class BatchProcessor:
         with self._acked:
             self._acked.notify_all()
         left = self._spool.next_seq - self._spool.acked
-        if left:
+        lost = self._spool.unwritten(self._spool.acked) if left else 0
+        if lost:
+            log.error("shutdown: %d usage event(s) not yet in ClickHouse; %d of them could not be "
+                      "written to the spool (disk error, see above) and are lost; the rest stay in "
+                      "the spool (%s) and are replayed at the next start", left, lost, self._spool.dir)
+        elif left:
             log.warning("shutdown: %d usage event(s) not yet in ClickHouse stay in the spool "
                         "(%s) and are replayed at the next start", left, self._spool.dir)
         else:

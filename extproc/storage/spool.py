@@ -185,6 +185,8 @@ class Spool:
         self.bytes_on_disk = 0
         self.write_errors = 0
         self.manifest_errors = 0
+        # [first, end) seq ranges a disk error kept off the disk, not yet acknowledged
+        self._gaps: deque[tuple[int, int]] = deque()
         self.records_lost = 0
         self.dead_lettered = 0
         self.corrupt_bytes = 0
@@ -198,6 +200,11 @@ class Spool:
     @property
     def written_seq(self) -> int:
         return self._written_seq
+
+    def unwritten(self, from_seq: int) -> int:
+        """How many records from from_seq on a disk error kept off the disk."""
+        with self._lock:
+            return sum(max(0, end - max(first, from_seq)) for first, end in self._gaps)
 
     @property
     def synced_seq(self) -> int:
@@ -363,7 +370,9 @@ class Spool:
             os.close(fd)
 
     def close(self) -> None:
-        """Write and fdatasync everything (whatever the policy: a clean stop loses nothing)."""
+        """Write and fdatasync everything (whatever the policy: a clean stop loses nothing). A
+        disk error is counted and logged (`unwritten` says which records it kept off the disk);
+        the files are closed all the same."""
         with self._lock:
             if self._closed:
                 return
@@ -372,12 +381,16 @@ class Spool:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self.flush(sync=True)
+        with suppress(OSError):  # flush counted, logged and recorded it as a gap
+            self.flush(sync=True)
         self._delete_acked()  # closed: a fully acknowledged active segment goes too
         with self._flush_lock, self._lock:
             if self._active is not None:
                 self._seal(self._active)
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:
+            log.error("spool: final fdatasync failed: %s", exc)
         with self._man_lock:
             if self._man_fd is not None:
                 os.close(self._man_fd)
@@ -398,6 +411,9 @@ class Spool:
             if self._always:
                 try:
                     self._write(rec, seq + 1, have_lock=True)
+                except OSError:
+                    self._gaps.append((seq, seq + 1))
+                    raise
                 finally:
                     self._written_seq = self._next_seq  # a failed write leaves a gap, not a hole
                 wake = True
@@ -501,6 +517,8 @@ class Spool:
                     # batcher still inserts the ones its queue holds); counted, logged
                     self.write_errors += 1
                     self.records_lost += end - self._written_seq
+                    with self._lock:
+                        self._gaps.append((self._written_seq, end))
                     log.exception("spool: could not write %d record(s)", end - self._written_seq)
                     raise
                 finally:
@@ -611,6 +629,9 @@ class Spool:
             self._acked = end
             while self._pending_batches and self._pending_batches[0][1] <= end:
                 self._pending_batches.popleft()
+            with self._lock:
+                while self._gaps and self._gaps[0][1] <= end:
+                    self._gaps.popleft()
             if self._man_size > _MANIFEST_COMPACT_BYTES:
                 self._rewrite_manifest()
         self._delete_acked()

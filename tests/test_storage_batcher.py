@@ -4,13 +4,16 @@ flush/shutdown, faults, queue overflow, data-error isolation, replay after a res
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 from extproc.config import BatchSettings
+from extproc.storage import spool as spool_mod
 from extproc.storage.batcher import BatchProcessor
 from extproc.storage.spool import Spool, iter_segment
 from tests.storage_helpers import (
@@ -35,6 +38,32 @@ def assert_exactly_once(writer: FakeWriter, ids: list[str]) -> None:
     counts = writer.ids()
     assert set(counts) == set(ids), f"missing {len(set(ids) - set(counts))}"
     assert max(counts.values()) == 1, "duplicates"
+
+
+class _FullDisk:
+    """ENOSPC from the spool's files (segments, manifest) and from preallocation while `on`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.on = False
+        self.hits = 0
+        real_write, real_fallocate = os.write, os.posix_fallocate
+
+        def write(fd: int, data: bytes) -> int:
+            if self.on and os.readlink(f"/proc/self/fd/{fd}").endswith((".seg", "manifest.log")):
+                self._fail()
+            return real_write(fd, data)
+
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            if self.on:
+                self._fail()
+            real_fallocate(fd, offset, length)
+
+        monkeypatch.setattr(spool_mod.os, "write", write)
+        monkeypatch.setattr(spool_mod.os, "posix_fallocate", fallocate)
+
+    def _fail(self) -> None:
+        self.hits += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.mark.parametrize("writer_cls", [FakeWriter, PipelinedFakeWriter])
@@ -263,43 +292,19 @@ async def test_disk_full_under_the_spool_loses_no_event(tmp_path: Path, fsync: s
     batch marks and acks in the manifest): the events stay queued in memory and reach ClickHouse
     once each, no batch waits for the disk, the errors are counted, and once the disk has room
     again the spool carries on: a restart finds nothing left to replay."""
-    import errno
-    import os
-
-    from extproc.storage import spool as spool_mod
-
-    full = {"on": False, "hits": 0}
-    real_write, real_fallocate = os.write, os.posix_fallocate
-
-    def _segment(fd: int) -> bool:  # the spool's files: segments and the manifest (batches, acks)
-        return os.readlink(f"/proc/self/fd/{fd}").endswith((".seg", "manifest.log"))
-
-    def write(fd, data):  # noqa: ANN001, ANN202
-        if full["on"] and _segment(fd):
-            full["hits"] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    def fallocate(fd, offset, length):  # noqa: ANN001, ANN202
-        if full["on"]:
-            full["hits"] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_fallocate(fd, offset, length)
-
-    monkeypatch.setattr(spool_mod.os, "write", write)
-    monkeypatch.setattr(spool_mod.os, "posix_fallocate", fallocate)
+    disk = _FullDisk(monkeypatch)
     w = writer_cls()
     bp = batcher(tmp_path, w, fsync=fsync, max_batch_size=50, flush_interval_ms=20)
     await bp.start()
     events = [make_event(i) for i in range(600)]
     for n, e in enumerate(events):
-        full["on"] = 200 <= n < 400  # small segments: in always mode new ones are needed meanwhile
+        disk.on = 200 <= n < 400  # small segments: in always mode new ones are needed meanwhile
         bp.emit(e)
         if n % 50 == 0:
             await asyncio.sleep(0.03)  # let batch mode's flusher write while the disk is full
-    full["on"] = False
+    disk.on = False
     await bp.shutdown()
-    assert full["hits"] > 0
+    assert disk.hits > 0
     assert_exactly_once(w, [e.event_id for e in events])
     assert bp.events_dropped == 0
     assert bp.spool_errors > 0 and bp.stats()["spool_errors"] == bp.spool_errors  # what /metrics shows
@@ -318,20 +323,7 @@ async def test_disk_full_at_shutdown_with_clickhouse_down_says_what_is_lost(tmp_
     """The worst case: ClickHouse down and the disk full when the sidecar stops. Shutdown still
     completes (no exception), says how many events could not be kept, and the next start replays
     exactly what had reached the disk before it filled up."""
-    import errno
-    import os
-
-    from extproc.storage import spool as spool_mod
-
-    full = {"on": False}
-    real_write = os.write
-
-    def write(fd, data):  # noqa: ANN001, ANN202
-        if full["on"] and os.readlink(f"/proc/self/fd/{fd}").endswith((".seg", "manifest.log")):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(spool_mod.os, "write", write)
+    disk = _FullDisk(monkeypatch)
     down = flaky(FakeWriter())
     down.failing.set()
     bp = batcher(tmp_path, down, max_batch_size=50)
@@ -340,7 +332,7 @@ async def test_disk_full_at_shutdown_with_clickhouse_down_says_what_is_lost(tmp_
     for e in kept:
         bp.emit(e)
     assert await asyncio.to_thread(wait_until, lambda: bp._spool.written_seq >= 100, 5)  # on disk
-    full["on"] = True
+    disk.on = True
     for i in range(100, 300):
         bp.emit(make_event(i))
     with caplog.at_level(logging.ERROR, logger="extproc.storage.batcher"):
@@ -348,7 +340,7 @@ async def test_disk_full_at_shutdown_with_clickhouse_down_says_what_is_lost(tmp_
     assert any(r.getMessage().startswith("shutdown: 300 usage event(s) not yet in ClickHouse; 200 of them could "
                                          "not be written to the spool") for r in caplog.records)
 
-    full["on"] = False
+    disk.on = False
     w = FakeWriter()
     again = batcher(tmp_path, w)
     await again.start()

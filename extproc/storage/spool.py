@@ -187,7 +187,6 @@ class Spool:
         self.manifest_errors = 0
         # [first, end) seq ranges a disk error kept off the disk, not yet acknowledged
         self._gaps: deque[tuple[int, int]] = deque()
-        self.records_lost = 0
         self.dead_lettered = 0
         self.corrupt_bytes = 0
 
@@ -516,7 +515,6 @@ class Spool:
                     # disk full / I/O error: these records exist only in memory now (the
                     # batcher still inserts the ones its queue holds); counted, logged
                     self.write_errors += 1
-                    self.records_lost += end - self._written_seq
                     with self._lock:
                         self._gaps.append((self._written_seq, end))
                     log.exception("spool: could not write %d record(s)", end - self._written_seq)

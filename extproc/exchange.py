@@ -32,20 +32,35 @@ def _request_headers(attribution: Attribution) -> frozenset[str]:
     return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names))
 
 
-_SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+# Whitespace may precede either framing; these bytes are what vLLM's JSON bodies start with.
+_BLANK = b" \t\r\n"
+_JSON_STARTS = frozenset(b"{[")
+# An SSE stream starts with a field name (data, event, id, retry) or a comment.
+_SSE_STARTS = frozenset(b"deir:")
+SSE = "text/event-stream"
+JSON = "application/json"
 
 
-def sniff_content_type(first_chunk: bytes) -> str:
-    """What the response headers would have said: an SSE stream starts with a field or a
-    comment line; anything else (vLLM's JSON answers and errors) is read as JSON."""
-    return "text/event-stream" if first_chunk.lstrip().startswith(_SSE_STARTS) else "application/json"
+def framing_of(chunk: bytes) -> str | None:
+    """The body's framing as its first non-blank byte says, or None while only blanks were seen.
+
+    With response headers skipped this is all the sidecar has: one byte decides, so a first chunk
+    of any length (Envoy forwards whatever it read, down to a single byte) decides the same way.
+    """
+    head = chunk.lstrip(_BLANK)
+    if not head:
+        return None
+    first = head[0]
+    if first in _JSON_STARTS:
+        return JSON
+    return SSE if first in _SSE_STARTS else JSON
 
 
 class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
         "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
-        "response_started", "response_code",
+        "response_started", "response_code", "_framing_pending",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
@@ -63,6 +78,9 @@ class Exchange:
         self.response_started = False
         # The upstream status from Envoy's response.code attribute, when headers are skipped.
         self.response_code: int | None = None
+        # The response's framing (SSE or JSON) waits for its first non-blank byte when no
+        # content-type was seen.
+        self._framing_pending = False
         self._finished = False
         # Request body pieces (STREAMED request bodies, as in observability mode).
         self._request_body: list[bytes] = []
@@ -149,7 +167,11 @@ class Exchange:
                 p.response_complete = True
             self.response_done = True
             return wire.continue_response(wire.RESPONSE_HEADERS)
-        p.on_response_headers(self.event.http_status, headers.get("content-type", ""))
+        content_type = headers.get("content-type", "")
+        if not content_type:
+            self._framing_pending = True
+            return wire.continue_response(wire.RESPONSE_HEADERS)
+        p.on_response_headers(self.event.http_status, content_type)
         if p.rewrites_response and "content-length" in headers:
             return wire.strip_content_length_response()
         return wire.continue_response(wire.RESPONSE_HEADERS)
@@ -158,14 +180,20 @@ class Exchange:
         p = self.processor
         if not self.response_started:  # response headers are not sent to us
             self.response_started = True
-            status = self.response_code or 0
-            self.event.http_status = status
-            if p is not None:
-                p.on_response_headers(status, sniff_content_type(msg.body))
+            self.event.http_status = self.response_code or 0
+            self._framing_pending = True
         if msg.end_of_stream:
             self.response_done = True
         if p is None:
             return wire.continue_response(wire.RESPONSE_BODY)
+        if self._framing_pending:
+            framing = framing_of(msg.body)
+            if framing is None and not msg.end_of_stream:
+                # Only blanks so far: they reach the client as they are and mean nothing to
+                # either framing.
+                return wire.continue_response(wire.RESPONSE_BODY)
+            self._framing_pending = False
+            p.on_response_headers(self.event.http_status, framing or JSON)
         seen = p.live_output_tokens
         replacement = p.on_response_chunk(msg.body, msg.end_of_stream, time.monotonic_ns())
         self._stats.live_output_tokens += p.live_output_tokens - seen

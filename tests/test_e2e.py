@@ -128,6 +128,24 @@ def test_chat_streaming_without_usage_request_is_metered_and_invisible(stack):
     _check_stored(stack, user, ev)
 
 
+@pytest.mark.parametrize("piece", [1, 2, 5])
+def test_a_stream_whose_first_bytes_come_in_small_writes_is_metered_and_invisible(stack, piece):
+    """The upstream writes its first event a few bytes at a time: Envoy forwards `d`, `da`, ...
+    as the first body message. The framing must not be decided from those bytes' length."""
+    user = _uid()
+    before = _sim_counters(stack.sim_url)
+    chunks = list(_client(stack.url, user).chat.completions.create(
+        model=MODEL, messages=MSG, max_tokens=12, stream=True,
+        extra_headers={"x-sim-first-write-bytes": str(piece)}))
+    after = _sim_counters(stack.sim_url)
+    assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
+    ev = _event(stack, user)
+    assert not ev.error, ev.error_detail
+    assert ev.token_source == 1 and ev.usage_injected and not ev.client_aborted
+    assert (ev.prompt_tokens, ev.completion_tokens) == (after[0] - before[0], after[1] - before[1])
+    _check_stored(stack, user, ev)
+
+
 def test_chat_streaming_with_usage_and_cached_tokens(stack):
     user = _uid()
     client = _client(stack.url, user)

@@ -256,6 +256,8 @@ class EndpointProcessor:
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
+            if self._recover_as_sse(body):
+                return
             self._flag("malformed_response", f"response body is not JSON: {exc}")
             return
         if not isinstance(obj, dict):
@@ -267,6 +269,24 @@ class EndpointProcessor:
         if isinstance(usage, dict):
             self.usage = _parse_usage(usage)
         self._on_json_response(obj)
+
+    def _recover_as_sse(self, body: bytes) -> bool:
+        """The framing was guessed from the body's first byte; an event stream behind an
+        unexpected first byte (a byte-order mark, say) is still metered once it has ended.
+        Nothing can be removed from what the client already received."""
+        if b"data:" not in body:
+            return False
+        events = self._sse.feed(body)
+        events.extend(self._sse.flush())
+        if not events:
+            return False
+        log.warning("%s response read as JSON was an event stream; metered at its end", self.endpoint)
+        self.is_sse = True
+        self.strip_usage_chunk = False
+        for ev in events:
+            self.response_events += 1
+            self._on_sse_event(ev.data, 0)
+        return True
 
     def _flag(self, kind: str, detail: str) -> None:
         if not self.error:  # the first problem is the one to report

@@ -90,6 +90,13 @@ def _abort_after(request: web.Request) -> int | None:
     return int(value) if value and value.strip().isdigit() else None
 
 
+def _first_write_bytes(request: web.Request) -> int:
+    """x-sim-first-write-bytes: N writes the first event N bytes at a time, each on its own
+    loop turn, as a busy upstream or a proxy between does (Envoy forwards each as it reads it)."""
+    value = request.headers.get("x-sim-first-write-bytes", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
@@ -300,13 +307,19 @@ class Simulator:
         x-sim-abort-after; a client that goes away ends generation (vLLM aborts the request)."""
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         limit = _abort_after(request)
+        piece = _first_write_bytes(request)
         sent = 0
 
         async def send(data: bytes) -> None:
             nonlocal sent
             if limit is not None and sent >= limit:
                 raise _Abort
-            await resp.write(data)
+            if sent == 0 and piece:
+                for start in range(0, len(data), piece):
+                    await resp.write(data[start:start + piece])
+                    await asyncio.sleep(0.002)  # the upstream's own pace, not a test's wait
+            else:
+                await resp.write(data)
             sent += 1
 
         async with aclosing(steps), aclosing(events) as it:

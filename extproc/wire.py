@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import orjson
 
 from extproc._pb import ext_proc_wire_pb2 as pb
 
@@ -111,6 +112,21 @@ def replace_response_chunk(body: bytes) -> ProcessingResponse:
     return ProcessingResponse(
         response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
     )
+
+
+def immediate_error(status: int, message: str, *, error_type: str, code: str | None = None,
+                    headers: dict[str, str] | None = None) -> ProcessingResponse:
+    """Envoy answers the client itself (the request never reaches the upstream), with an error
+    body in OpenAI's shape, which the official SDKs turn into their typed exceptions."""
+    body = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+    options = [
+        pb.HeaderValueOption(header=pb.HeaderValue(key=k, raw_value=v.encode()),
+                             append_action=pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+        for k, v in {"content-type": "application/json", **(headers or {})}.items()
+    ]
+    return ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=pb.HttpStatus(code=status), headers=pb.HeaderMutation(set_headers=options), body=body,
+        details=f"extproc_{error_type}"))
 
 
 def strip_content_length_response() -> ProcessingResponse:

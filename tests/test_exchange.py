@@ -421,3 +421,15 @@ def test_any_message_sequence_is_answered_in_kind_and_yields_at_most_one_storabl
     for ev in rec.events:
         body = pbinput.encode([ev.SerializeToString()], 4096, ColumnStats())
         assert body and ev.event_id and ev.end_time_unix_nano >= ev.start_time_unix_nano
+
+
+def test_immediate_error_is_an_openai_style_body_with_headers():
+    resp = wire.immediate_error(429, "team search is over budget", error_type="rate_limit_error",
+                                code="budget_exceeded", headers={"retry-after": "60"})
+    imm = resp.immediate_response
+    assert imm.status.code == 429
+    assert orjson.loads(imm.body) == {"error": {"message": "team search is over budget",
+                                                "type": "rate_limit_error", "param": None,
+                                                "code": "budget_exceeded"}}
+    got = {o.header.key: o.header.raw_value for o in imm.headers.set_headers}
+    assert got == {"content-type": b"application/json", "retry-after": b"60"}

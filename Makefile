@@ -27,6 +27,7 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check extproc tests bench
+	$(BIN)/mypy
 
 test: $(STAMP) $(XDS_REF)/.installed lint
 	XDS_REF_PATH=$(abspath $(XDS_REF)) $(BIN)/python -m pytest -q

@@ -14,10 +14,11 @@ from extproc.config import AttributionSettings
 from extproc.exchange import CORRELATION_HEADER
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
-from extproc.server import ExtProcService, start_grpc_server
+from extproc.server import ExtProcService
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 from extproc.transport import start_h2_server
+from extproc.transport.grpcio_server import client_stub, start_grpc_server
 from tests import ext_proc_msgs as m
 from tests.stack import RecordingSink
 
@@ -28,11 +29,11 @@ async def served(request):
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [rec], stats)
     if request.param == "grpcio":
-        server, port = await start_grpc_server(service, "127.0.0.1:0")
+        server, port = await start_grpc_server(service.open_stream, "127.0.0.1:0")
     else:
-        server, port = await start_h2_server(service.process, "127.0.0.1:0", sessions=service.open_stream)
+        server, port = await start_h2_server(service.open_stream, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield service, rec, wire.client_stub(channel)
+    yield service, rec, client_stub(channel)
     await channel.close()
     await server.stop(0)
 

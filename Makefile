@@ -42,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .extproc .pytest_cache
+	rm -rf $(VENV) .extproc .pytest_cache .mypy_cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc import wire
 from extproc._pb import ext_proc_wire_pb2 as pb
@@ -163,3 +163,10 @@ async def start_grpc_server(service: ExtProcService, listen: str, reuse_port: bo
     from extproc.transport.grpcio_server import start_grpc_server as start
 
     return await start(service.open_stream, listen, reuse_port)
+
+
+if TYPE_CHECKING:
+    from extproc.transport.session import SessionFactory
+
+    def _sessions(service: ExtProcService) -> SessionFactory:
+        return service.open_stream  # checked by mypy: the transports drive these sessions

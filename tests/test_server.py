@@ -23,9 +23,19 @@ from tests import ext_proc_msgs as m
 from tests.stack import RecordingSink
 
 
-@pytest.fixture(params=["grpcio", "h2-inline"])
+class _Sink(RecordingSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    def emit(self, event) -> None:  # noqa: ANN001
+        super().emit(event)
+        self.arrived.set()
+
+
+@pytest.fixture(params=["grpcio", "h2"])
 async def served(request):
-    stats, rec = SidecarStats(), RecordingSink()
+    stats, rec = SidecarStats(), _Sink()
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [rec], stats)
     if request.param == "grpcio":
@@ -161,10 +171,7 @@ async def test_cancelled_stream_still_emits_an_aborted_event(served):
         await queue.put(msg)
         await call.read()
     call.cancel()  # what Envoy does when the client goes away
-    for _ in range(100):
-        if rec.events:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(rec.arrived.wait(), 5)
     (ev,) = rec.events
     assert ev.client_aborted and ev.labels["team"] == "gone"
     assert service.stats.streams_cancelled == 1

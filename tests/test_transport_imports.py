@@ -23,5 +23,20 @@ def test_h2_server_and_service_do_not_import_grpc():
                              "extproc.wire, extproc.app")
 
 
+def test_a_running_h2_sidecar_does_not_import_grpc():
+    assert not _loaded_after(
+        "import asyncio\n"
+        "from extproc.app import Sidecar\n"
+        "from extproc.config import load_settings\n"
+        "async def main():\n"
+        "    s = load_settings(None, {'grpc': {'listen': '127.0.0.1:0'}, 'admin': {'host': '127.0.0.1', 'port': 0}},"
+        " environ={})\n"
+        "    sidecar = Sidecar(s, with_storage=False)\n"
+        "    await sidecar.start()\n"
+        "    assert type(sidecar.grpc_server).__name__ == 'H2GrpcServer'\n"
+        "    await sidecar.stop(0)\n"
+        "asyncio.run(main())")
+
+
 def test_the_check_sees_grpc_when_it_is_imported():
     assert _loaded_after("import extproc.transport.grpcio_server")

@@ -7,10 +7,10 @@ written. Flow control (both directions), HPACK, CONTINUATION, RST_STREAM, GOAWAY
 two-step graceful shutdown all live here, so all of it is tested with bytes alone
 (tests/test_h2conn.py). The asyncio glue (h2server.py) only moves bytes and runs timers.
 
-Why not h2 or grpcio: both cost ~175-700 µs of CPU per 3-message stream here (h2's
-H2Connection alone measured ~176 µs); this serves exactly what Envoy's ext_proc filter speaks:
-prior-knowledge cleartext HTTP/2, one method, identity encoding, and uses `hpack` for
-header blocks only.
+Why not the h2 library (grpclib) or grpcio: both cost several times the CPU of this core per
+stream (README, Performance); this serves exactly what Envoy's ext_proc filter speaks:
+prior-knowledge cleartext HTTP/2, one method, identity encoding, and uses `hpack` for header
+blocks only.
 """
 
 from __future__ import annotations

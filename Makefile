@@ -27,6 +27,7 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check extproc tests bench
+	$(BIN)/mypy
 
 test: $(STAMP) $(XDS_REF)/.installed lint
 	XDS_REF_PATH=$(abspath $(XDS_REF)) $(BIN)/python -m pytest -q
@@ -41,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .extproc .pytest_cache
+	rm -rf $(VENV) .extproc .pytest_cache .mypy_cache

@@ -11,6 +11,9 @@ issue 5 could save, next to what `bench.run` measures end to end.
 - sse.scan (lever): a bytes scan of the same events for what metering needs (usage, output text
   bytes) instead of orjson.loads + dict walks per chunk
 - telemetry.emit / storage.emit: the two sinks, per event, on the event loop
+- h2conn: the h2 transport's connection core for one request's stream as Envoy sends it (HEADERS,
+  then the 4 messages of exchange.json in 4 reads, then WINDOW_UPDATE), with a session that
+  answers at once: HTTP/2 + gRPC framing, HPACK, protobuf parse and serialize, no metering
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ def measure(n: int) -> list[tuple[str, float, str]]:
         await storage.close()
 
     asyncio.run(sinks())
+    rows.append(("h2conn (one stream, 4 msgs, answering session)", h2_request_cost(n, msgs), "per request"))
     hop = min(asyncio.run(_hop(n, False)) for _ in range(3))
     inline = min(asyncio.run(_hop(n, True)) for _ in range(3))
     rows.append(("message via queue + future + handler task", hop, "per message (asyncio only)"))
@@ -185,9 +189,83 @@ def measure(n: int) -> list[tuple[str, float, str]]:
     return rows
 
 
+class _Answering:
+    finished = False
+
+    def on_message(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+        kind = msg.WhichOneof("request")
+        return wire.continue_response(kind) if kind is not None else None
+
+    def close(self) -> None:
+        pass
+
+
+def h2_reads(messages: list[bytes], sid: int, block: bytes, credit: int) -> list[bytes]:
+    """What Envoy writes for one stream, read by read (sync mode: one message per read)."""
+    from extproc.transport import frames as f
+
+    def data(m: bytes, flags: int = 0) -> bytes:
+        return f.frame(f.DATA, flags, sid, f.U32.pack(len(m)).rjust(5, b"\0") + m)
+
+    reads = [f.frame(f.HEADERS, f.END_HEADERS, sid, block) + data(messages[0])]
+    reads += [data(m) for m in messages[1:-1]]
+    reads.append(data(messages[-1], f.END_STREAM) + f.window_update(0, credit))
+    return reads
+
+
+def h2_request_cost(n: int, messages: list[bytes]) -> float:
+    """µs per request through the sans-IO connection core (no socket, no event loop)."""
+    import hpack
+
+    from extproc.transport import frames as f
+    from extproc.transport.h2conn import H2Connection
+
+    encoder = hpack.Encoder()  # one per connection, as Envoy keeps one: repeated blocks are indexed
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", wire.METHOD_PATH), (":authority", "extproc"),
+               ("content-type", "application/grpc"), ("te", "trailers"), ("x-envoy-internal", "true")]
+    conn = H2Connection(lambda metadata: _Answering())
+    conn.initiate()
+    conn.receive(f.PREFACE + f.settings({f.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20}))
+    conn.data_to_send()
+    # how much connection window one request's answers take: given back with its last read
+    sid = 1
+    used = 0
+    for r in h2_reads(messages, sid, encoder.encode(headers), 1):
+        conn.receive(r)
+        out = conn.data_to_send()
+        used += sum(len(p) for t, _, _, p in _frames(out) if t == f.DATA)
+    conn.receive(f.window_update(0, used - 1))
+    block = encoder.encode(headers)
+    sids = iter(range(3, 1 << 31, 2))
+
+    def one() -> None:
+        for r in h2_reads(messages, next(sids), block, used):
+            conn.receive(r)
+            conn.data_to_send()
+
+    us = timeit(one, n)
+    assert not conn.closed and not conn.streams, "the bench stream did not complete"
+    spare = iter(range(3, 1 << 31, 2))
+    building = timeit(lambda: h2_reads(messages, next(spare), block, used), n)  # the client's part
+    return us - building
+
+
+def _frames(out: bytes) -> list[tuple[int, int, int, bytes]]:
+    from extproc.transport import frames as f
+
+    frames, pos = [], 0
+    while pos < len(out):
+        hi, lo, ftype, flags, sid = f.FRAME_HEADER.unpack_from(out, pos)
+        length = (hi << 16) | lo
+        frames.append((ftype, flags, sid, out[pos + 9:pos + 9 + length]))
+        pos += 9 + length
+    return frames
+
+
 async def _hop(n: int, inline: bool) -> float:
     """µs per message delivered from a protocol callback to a handler and back: through a queue,
-    a future and an async-generator handler in its own task (as extproc.transport does), or by a
+    a future and an async-generator handler in its own task (as the h2 transport's deleted
+    handler-task mode did), or by a
     direct call from the callback (the lever). Each message arrives in a new loop iteration."""
     loop = asyncio.get_running_loop()
     q: deque[int] = deque()

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +46,8 @@ class CountSink:
         self.count += 1
 
 
-async def noop(requests: AsyncIterator[wire.ProcessingRequest], context: Any) -> AsyncIterator[wire.ProcessingResponse]:
-    """NOTES' "ceiling" server: every message answered at once, nothing else."""
-    async for req in requests:
-        if not req.observability_mode:
-            yield wire.continue_response(req.WhichOneof("request"))
-
-
 class NoopSession:
-    """The same, served inline by the h2 transport (as it serves the real service)."""
+    """NOTES' "ceiling" server: every message answered at once, nothing else."""
 
     finished = False
 
@@ -72,22 +64,23 @@ async def serve(transport: str, handler: str, listen: str) -> None:
     from extproc.config import AttributionSettings
     from extproc.labels import Attribution
     from extproc.processors import ProcessorContext
-    from extproc.server import ExtProcService, start_grpc_server
+    from extproc.server import ExtProcService
     from extproc.stats import SidecarStats
     from extproc.tokenizers import TokenizerRegistry
-    from extproc.transport import start_h2_server
+    from extproc.transport import SessionFactory, start_h2_server
+    from extproc.transport.grpcio_server import start_grpc_server
 
     stats, sink = SidecarStats(), CountSink()
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [sink], stats)
-    sessions = service.open_stream  # as extproc.app serves it
+    sessions: SessionFactory = service.open_stream  # as extproc.app serves it
     if handler == "noop":
-        service.process = noop  # type: ignore[method-assign]
         sessions = lambda metadata: NoopSession()  # noqa: E731
+    server: Any
     if transport == "grpcio":
-        server, port = await start_grpc_server(service, listen)
+        server, port = await start_grpc_server(sessions, listen)
     else:
-        server, port = await start_h2_server(service.process, listen, sessions=sessions)
+        server, port = await start_h2_server(sessions, listen)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -177,7 +170,9 @@ async def grpc_load(port: int, requests: int, concurrency: int, max_seconds: flo
     ok = failed = 0
     deadline = time.monotonic() + max_seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = wire.client_stub(ch)
+        from extproc.transport.grpcio_server import client_stub
+
+        stub = client_stub(ch)
 
         async def worker() -> None:
             nonlocal left, ok, failed

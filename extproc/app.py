@@ -12,9 +12,8 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from aiohttp import web
 
 from extproc.admin import build_admin_app, start_admin
@@ -25,6 +24,11 @@ from extproc.processors import ProcessorContext
 from extproc.server import ExtProcService, start_grpc_server
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
+
+if TYPE_CHECKING:
+    import grpc
+
+    from extproc.transport import H2GrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class Sidecar:
         self.storage: Any = None
         self.telemetry: Any = None
         self.sinks: list[EventSink] = []
-        self.grpc_server: grpc.aio.Server | Any = None
+        self.grpc_server: H2GrpcServer | grpc.aio.Server | None = None
         self.grpc_port = 0
         self.admin_port = 0
         self._admin: web.AppRunner | None = None
@@ -147,7 +151,7 @@ class Sidecar:
 
             # an h2 worker listens nowhere: the main process hands it connections
             self.grpc_server, self.grpc_port = await start_h2_server(
-                service.process, None if worker else s.grpc.listen, sessions=service.open_stream)
+                service.open_stream, None if worker else s.grpc.listen)
         else:
             # a grpcio worker shares the port with its siblings (SO_REUSEPORT)
             self.grpc_server, self.grpc_port = await start_grpc_server(service, s.grpc.listen, reuse_port=worker)

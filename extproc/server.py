@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-
-import grpc
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from extproc import wire
+from extproc._pb import ext_proc_wire_pb2 as pb
 from extproc.envoy_config import ROLE_METADATA
 from extproc.events import EventSink, UsageEvent
 from extproc.exchange import CORRELATION_HEADER, CORRELATION_ONLY, Exchange
@@ -42,28 +42,11 @@ class ExtProcService:
         self.pending: dict[str, tuple[float, Exchange]] = {}
 
     def open_stream(self, metadata: Iterable[tuple[str, str]] = ()) -> StreamSession:
-        """A session for one ext_proc stream. Transports that can call it inline (the h2
-        transport) skip the async-generator hop per message."""
+        """A session for one ext_proc stream (extproc.transport.session.SessionFactory): both
+        transports drive it message by message."""
         return StreamSession(self, _role(metadata))
 
-    async def process(
-        self, requests: AsyncIterator[wire.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[wire.ProcessingResponse]:
-        """The grpc.aio handler: the same session, driven by an async iterator."""
-        session = self.open_stream(_metadata(context))
-        try:
-            async for req in requests:
-                resp = session.on_message(req)
-                if resp is not None:
-                    yield resp
-                if session.finished:
-                    # Close our side now: in observability mode Envoy would otherwise hold the
-                    # stream open until deferred_close_timeout.
-                    break
-        finally:
-            session.close()
-
-    def _adopt(self, msg) -> Exchange | None:  # noqa: ANN001
+    def _adopt(self, msg: pb.HttpHeaders) -> Exchange | None:
         """The exchange of this response stream's request stream; None when there is none
         (an unmetered path, or the request filter failed open): then this stream meters alone."""
         cid = wire.decode_headers(msg.headers, CORRELATION_ONLY).get(CORRELATION_HEADER)
@@ -127,10 +110,10 @@ class StreamSession:
             stats.errors["empty_message"] += 1
             return None
         stats.messages[kind] += 1
-        msg = getattr(req, kind)
+        msg: wire.Message = getattr(req, kind)
         observe = req.observability_mode
         if self.role == "response" and kind == wire.REQUEST_HEADERS:
-            adopted = service._adopt(msg)
+            adopted = service._adopt(req.request_headers)
             if adopted is not None:
                 # The request stream already read these headers; only answer (observability
                 # mode ignores answers, but a misconfigured sync response filter must not hang).
@@ -167,13 +150,6 @@ class StreamSession:
             self._service._emit(self.exchange.finish())
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, str]]:
-    try:
-        return context.invocation_metadata() or ()
-    except Exception:  # a context without metadata support
-        return ()
-
-
 def _role(metadata: Iterable[tuple[str, str]]) -> str:
     """Hybrid mode tags each filter's streams with gRPC metadata; plain modes send none."""
     for key, value in metadata:
@@ -182,20 +158,15 @@ def _role(metadata: Iterable[tuple[str, str]]) -> str:
     return ""
 
 
-async def start_grpc_server(service: ExtProcService, listen: str,
-                            reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
-    """Bind `listen` (host:port or unix:/path); `reuse_port`: SO_REUSEPORT, the port shared with
-    sibling worker processes. Returns the server and the bound port (0 for unix)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_concurrent_streams", 10_000),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
-    )
-    server.add_generic_rpc_handlers((wire.generic_handler(service.process),))
-    port = server.add_insecure_port(listen)
-    if port == 0 and not listen.startswith("unix:"):
-        raise OSError(f"cannot bind gRPC listener {listen}")
-    await server.start()
-    return server, port
+async def start_grpc_server(service: ExtProcService, listen: str, reuse_port: bool = False) -> tuple[Any, int]:
+    """The grpcio transport serving `service` (extproc.transport.grpcio_server)."""
+    from extproc.transport.grpcio_server import start_grpc_server as start
+
+    return await start(service.open_stream, listen, reuse_port)
+
+
+if TYPE_CHECKING:
+    from extproc.transport.session import SessionFactory
+
+    def _sessions(service: ExtProcService) -> SessionFactory:
+        return service.open_stream  # checked by mypy: the transports drive these sessions

@@ -1,4 +1,4 @@
-"""ext_proc protocol details: message types, header decoding, response builders, gRPC wiring.
+"""ext_proc protocol details: message types, header decoding, response builders.
 
 Everything that knows Envoy's ext_proc message layout lives here, so processors deal in plain
 dicts and bytes.
@@ -6,10 +6,8 @@ dicts and bytes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 import orjson
 
 from extproc._pb import ext_proc_wire_pb2 as pb
@@ -17,6 +15,8 @@ from extproc._pb import ext_proc_wire_pb2 as pb
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
 ProcessingMode = pb.ProcessingMode
+# what a ProcessingRequest's `request` oneof holds
+Message = pb.HttpHeaders | pb.HttpBody | pb.HttpTrailers
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 METHOD_PATH = f"/{SERVICE_NAME}/Process"
@@ -138,23 +138,11 @@ def strip_content_length_response() -> ProcessingResponse:
     )
 
 
-Handler = Callable[[AsyncIterator[ProcessingRequest], grpc.aio.ServicerContext], AsyncIterator[ProcessingResponse]]
+def __getattr__(name: str) -> Any:
+    """generic_handler and client_stub moved to extproc.transport.grpcio_server (so that this
+    module, on the h2 hot path, does not import grpcio); still importable from here."""
+    if name in ("generic_handler", "client_stub"):
+        from extproc.transport import grpcio_server
 
-
-def generic_handler(process: Handler) -> grpc.GenericRpcHandler:
-    """Register `process` under Envoy's service name (our messages live in our own proto package)."""
-    method = grpc.stream_stream_rpc_method_handler(
-        process,
-        request_deserializer=ProcessingRequest.FromString,
-        response_serializer=ProcessingResponse.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": method})
-
-
-def client_stub(channel: grpc.aio.Channel) -> Any:
-    """A Process() callable for tests and tools that talk to the sidecar as Envoy would."""
-    return channel.stream_stream(
-        METHOD_PATH,
-        request_serializer=ProcessingRequest.SerializeToString,
-        response_deserializer=ProcessingResponse.FromString,
-    )
+        return getattr(grpcio_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,25 +14,36 @@ from extproc.config import AttributionSettings
 from extproc.exchange import CORRELATION_HEADER
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
-from extproc.server import ExtProcService, start_grpc_server
+from extproc.server import ExtProcService
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 from extproc.transport import start_h2_server
+from extproc.transport.grpcio_server import client_stub, start_grpc_server
 from tests import ext_proc_msgs as m
 from tests.stack import RecordingSink
 
 
-@pytest.fixture(params=["grpcio", "h2-inline"])
+class _Sink(RecordingSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    def emit(self, event) -> None:  # noqa: ANN001
+        super().emit(event)
+        self.arrived.set()
+
+
+@pytest.fixture(params=["grpcio", "h2"])
 async def served(request):
-    stats, rec = SidecarStats(), RecordingSink()
+    stats, rec = SidecarStats(), _Sink()
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [rec], stats)
     if request.param == "grpcio":
-        server, port = await start_grpc_server(service, "127.0.0.1:0")
+        server, port = await start_grpc_server(service.open_stream, "127.0.0.1:0")
     else:
-        server, port = await start_h2_server(service.process, "127.0.0.1:0", sessions=service.open_stream)
+        server, port = await start_h2_server(service.open_stream, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield service, rec, wire.client_stub(channel)
+    yield service, rec, client_stub(channel)
     await channel.close()
     await server.stop(0)
 
@@ -160,10 +171,7 @@ async def test_cancelled_stream_still_emits_an_aborted_event(served):
         await queue.put(msg)
         await call.read()
     call.cancel()  # what Envoy does when the client goes away
-    for _ in range(100):
-        if rec.events:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(rec.arrived.wait(), 5)
     (ev,) = rec.events
     assert ev.client_aborted and ev.labels["team"] == "gone"
     assert service.stats.streams_cancelled == 1

@@ -31,9 +31,13 @@ pytestmark = pytest.mark.timeout(60)
 class ListSink:
     def __init__(self) -> None:
         self.events: list[UsageEvent] = []
+        self.expected = 0
+        self.all_in = asyncio.Event()
 
     def emit(self, event: UsageEvent) -> None:
         self.events.append(event)
+        if len(self.events) >= self.expected:
+            self.all_in.set()
 
 
 def _chunk(**fields: Any) -> bytes:
@@ -74,7 +78,7 @@ async def test_envoy_end_to_end(tmp_path: Path, mode: str, via: str):
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [sink], stats)
     listen = f"unix:{tmp_path / 'x.sock'}" if via == "unix" else "127.0.0.1:0"
-    server, port = await start_h2_server(service.process, listen)
+    server, port = await start_h2_server(service.open_stream, listen)
     address = listen if via == "unix" else f"127.0.0.1:{port}"
     listen_port, admin_port = free_port(), free_port()
     envoy = envoy_process(EnvoyOptions(upstream=f"http://127.0.0.1:{up_port}", listen_port=listen_port,
@@ -85,6 +89,7 @@ async def test_envoy_end_to_end(tmp_path: Path, mode: str, via: str):
     cases = [(3 + i % 7, 50, True) for i in range(40)] + [(1500, 50, True), (20, 300_000, True),
                                                            (5, 80_000, False), (4, 50, False)]
     expected = []
+    sink.expected = len(cases)
     try:
         async with aiohttp.ClientSession() as http:
             sem = asyncio.Semaphore(10)
@@ -105,10 +110,8 @@ async def test_envoy_end_to_end(tmp_path: Path, mode: str, via: str):
                     assert json.loads(text)["usage"]["completion_tokens"] == n
 
             await asyncio.gather(*(one(*c) for c in cases))
-        for _ in range(100):  # observe mode: events land when Envoy's last message arrives
-            if len(sink.events) >= len(cases):
-                break
-            await asyncio.sleep(0.05)
+        # observe mode: events land when Envoy's last message arrives, after the client's answer
+        await asyncio.wait_for(sink.all_in.wait(), 10)
         got = sorted((e.prompt_tokens, e.completion_tokens) for e in sink.events)
         assert got == sorted(expected)
         assert all(e.token_source == TokenSource.UPSTREAM_USAGE and not e.error and not e.client_aborted

@@ -1,7 +1,14 @@
-"""gRPC server transports for the ext_proc stream. grpcio (extproc.server.start_grpc_server) is
-the default; `grpc.transport: h2` selects the lean HTTP/2 server here."""
+"""gRPC server transports for the ext_proc stream; each serves sessions
+(extproc.transport.session) from the service.
+
+- h2conn: the sans-IO HTTP/2 + gRPC connection core (bytes in, bytes out); h2server: its
+  asyncio glue and listener (`grpc.transport: h2`, the default). Neither imports grpcio.
+- grpcio_server: the same sessions on grpc.aio (`grpc.transport: grpcio`), and a client stub.
+
+May import extproc._pb and nothing else of extproc outside this package.
+"""
 
 from extproc.transport.h2server import H2GrpcServer, start_h2_server
-from extproc.transport.stream import StreamContext
+from extproc.transport.session import Session, SessionFactory
 
-__all__ = ["H2GrpcServer", "StreamContext", "start_h2_server"]
+__all__ = ["H2GrpcServer", "Session", "SessionFactory", "start_h2_server"]

@@ -8,6 +8,8 @@ so its decoded form stays valid until some other block changes the table, which 
 
 from __future__ import annotations
 
+from typing import cast
+
 from hpack import Decoder
 
 Headers = list[tuple[bytes, bytes]]
@@ -68,10 +70,11 @@ class CachingDecoder:
 
     def decode(self, block: bytes) -> Headers:
         """Raises hpack.HPACKError on a bad block. The result is shared: do not mutate it."""
-        headers = self._cache.get(block)
-        if headers is not None:
-            return headers
-        headers = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
+        cached = self._cache.get(block)
+        if cached is not None:
+            return cached
+        # raw=True: (bytes, bytes) tuples, which the stubs cannot express
+        headers = cast(Headers, self.decoder.decode(block, raw=True))
         if not table_neutral(block):
             self._cache.clear()
         elif len(self._cache) < self._max:

@@ -76,6 +76,7 @@ class Sidecar:
         self.service: ExtProcService | None = None
         self.workers: Any = None  # WorkerPool when grpc.workers > 1
         self._sweeper: asyncio.Task | None = None
+        self.pricing: Any = None  # governance.stamp.PricingStage (main process only)
 
     async def start(self) -> None:
         try:
@@ -117,15 +118,27 @@ class Sidecar:
 
     async def _start_sinks(self) -> None:
         s = self.settings
+        from extproc.governance.stamp import PricingStage
+
+        book = None
+        if s.pricing.file:
+            from extproc.governance.pricing import load_pricing
+
+            book = load_pricing(s.pricing.file)  # refused before anything listens
+        self.pricing = PricingStage(book)
+        self.sinks.append(self.pricing)  # first: everything after it sees the priced event
         if self._with_storage:
             from extproc.storage import open_storage
 
             self.storage = await open_storage(s)
+            if book is not None:
+                await self.storage.sync_pool_rates(book)
             self.sinks.append(self.storage.sink())
         from extproc.telemetry import UsageMetrics
 
         self.telemetry = UsageMetrics.from_settings(
-            s, self.stats, storage=self.storage, extra_readers=self._metric_readers)
+            s, self.stats, storage=self.storage, extra_readers=self._metric_readers,
+            pricing=self.pricing.cost_usd if book is not None else None)
         self.sinks.append(self.telemetry)
         self.sinks.extend(self._extra_sinks)
 

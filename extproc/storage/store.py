@@ -150,6 +150,12 @@ class Storage:
         build_query(name, **kwargs)  # validate here: bad input never reaches the thread
         return await self.run(lambda c: run_report(c, name, **kwargs))
 
+    async def sync_pool_rates(self, book: Any) -> int:
+        """Write the price book's GPU pool rates (governance.pricing.PriceBook) for the reports."""
+        from extproc.storage.rates import sync_rates
+
+        return await self.run(lambda c: sync_rates(c, book))
+
     async def migrate(self) -> list[str]:
         await self.run(lambda c: None)  # the first connection migrates
         return await self.run(lambda c: migrate(c, self.settings)) or self.migrations_applied

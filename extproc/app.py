@@ -174,8 +174,23 @@ class Sidecar:
             metrics=self.telemetry.render_prometheus if self.telemetry.prometheus else None,
             extra_stats=self._storage_stats,
             worker_stats=self.workers.stats_view if self.workers is not None else None,
+            reprice=self.reprice if self.storage else None,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
+
+    async def reprice(self, since: Any) -> dict[str, Any]:
+        """Reload the pricing file (a corrected price), price new events with it, and re-price
+        the stored events from since's hour on."""
+        if not self.settings.pricing.file:
+            raise ValueError("no pricing file configured (pricing.file, --pricing FILE)")
+        if self.storage is None:
+            raise ValueError("no storage configured")
+        from extproc.governance.pricing import load_pricing
+
+        book = await asyncio.to_thread(load_pricing, self.settings.pricing.file)
+        self.pricing.book = book
+        await self.force_flush()  # what was priced with the old book is stored before the rewrite
+        return await self.storage.reprice(book, since)
 
     async def _sweep_forever(self) -> None:
         while True:

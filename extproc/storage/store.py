@@ -156,6 +156,14 @@ class Storage:
 
         return await self.run(lambda c: sync_rates(c, book))
 
+    async def reprice(self, book: Any, since: datetime) -> dict[str, Any]:
+        """Apply this price book to the events from since's hour on (storage/reprice.py)."""
+        from extproc.storage.reprice import reprice
+
+        await self.sync_pool_rates(book)
+        ttl = self.settings.storage.ttl_days
+        return (await self.run(lambda c: reprice(c, book, since, ttl_days=ttl))).as_dict()
+
     async def migrate(self) -> list[str]:
         await self.run(lambda c: None)  # the first connection migrates
         return await self.run(lambda c: migrate(c, self.settings)) or self.migrations_applied

@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,10 @@ def _report_via_admin(admin_url: str, params: dict[str, str]) -> list[dict[str, 
     url = f"{admin_url.rstrip('/')}/v1/usage?{urllib.parse.urlencode(params)}"
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
-            return orjson.loads(resp.read())["rows"]
+            rows = orjson.loads(resp.read())["rows"]
+        # money travels as exact decimal strings: back to Decimal (Parquet: decimal128, not text)
+        return [{k: Decimal(v) if k.endswith("_usd") and isinstance(v, str) else v for k, v in r.items()}
+                for r in rows]
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"extproc report: {exc.code} from {url}: {exc.read().decode(errors='replace')}") from None
     except (urllib.error.URLError, ConnectionError):

@@ -164,3 +164,20 @@ def test_bad_files_are_refused_naming_the_line(tmp_path: Path, text: str, line: 
 def test_a_missing_file_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(PricingError, match="cannot read the pricing file"):
         load_pricing(tmp_path / "nope.yaml")
+
+
+def test_serve_refuses_a_bad_pricing_file_at_start_naming_the_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from extproc.devstack import free_port
+
+    bad = tmp_path / "pricing.yaml"
+    bad.write_text("models:\n  m:\n    input_per_mtok: 1\n    output_per_mtok: 1\n    pool: missing\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--pricing", str(bad), "--data-dir", str(tmp_path / "data"),
+         "--listen", f"127.0.0.1:{free_port()}", "--admin-port", str(free_port())],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"config error: {bad}:5: models.'m': unknown GPU pool 'missing'" in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before the store was opened

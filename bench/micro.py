@@ -11,6 +11,7 @@ issue 5 could save, next to what `bench.run` measures end to end.
 - sse.scan (lever): a bytes scan of the same events for what metering needs (usage, output text
   bytes) instead of orjson.loads + dict walks per chunk
 - telemetry.emit / storage.emit: the two sinks, per event, on the event loop
+- pricing.emit: the pricing stage (deploy/pricing.example.yaml) stamping cost and GPU work
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from extproc.tokenizers import TokenizerRegistry
 
 pb = wire.pb
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+_EXAMPLE_PRICING = Path(__file__).resolve().parent.parent / "deploy" / "pricing.example.yaml"
 
 
 def _headers(pairs: dict[str, str], response: bool = False, eos: bool = False) -> bytes:
@@ -171,6 +173,11 @@ def measure(n: int) -> list[tuple[str, float, str]]:
         settings.spool.dir = str(tmp / "spool")
         metrics = UsageMetrics.from_settings(settings, SidecarStats())
         rows.append(("telemetry.emit (OTel metrics)", timeit(lambda: metrics.emit(event), n), "per event"))
+        from extproc.governance.pricing import load_pricing
+        from extproc.governance.stamp import PricingStage
+
+        pricing = PricingStage(load_pricing(_EXAMPLE_PRICING))
+        rows.append(("pricing.emit (list cost + GPU work)", timeit(lambda: pricing.emit(event), n), "per event"))
         storage = await open_storage(settings)
         sink = storage.sink()
         await sink.start()

@@ -67,8 +67,15 @@ class ModelEntry:
     line: int
 
     def price_at(self, at_unix_nano: int) -> ModelPrice | None:
-        i = bisect.bisect_right([p.since_ns for p in self.periods], at_unix_nano) - 1
-        return self.periods[i] if i >= 0 else None
+        periods = self.periods
+        if len(periods) == 1:
+            return periods[0] if periods[0].since_ns <= at_unix_nano else None
+        i = bisect.bisect_right(self._starts, at_unix_nano) - 1
+        return periods[i] if i >= 0 else None
+
+    @property
+    def _starts(self) -> list[int]:
+        return [p.since_ns for p in self.periods]
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,10 @@ class GpuPool:
     line: int
 
     def rate_at(self, at_unix_nano: int) -> PoolRate | None:
-        i = bisect.bisect_right([r.since_ns for r in self.rates], at_unix_nano) - 1
+        rates = self.rates
+        if len(rates) == 1 and rates[0].since_ns <= at_unix_nano:
+            return rates[0]
+        i = bisect.bisect_right([r.since_ns for r in rates], at_unix_nano) - 1
         return self.rates[i] if i >= 0 else self.rates[0] if not self.explicit_start else None
 
     def work_milli(self, at_unix_nano: int, *, prompt_tokens: int, cached_tokens: int,
@@ -160,14 +170,15 @@ def _is_glob(pattern: str) -> bool:
 
 def cost_micros(p: ModelPrice, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
                 reasoning_tokens: int, request_fee: bool = True) -> int:
-    cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
-    uncached = max(prompt_tokens, 0) - cached
-    reasoning = min(max(reasoning_tokens, 0), max(completion_tokens, 0))
-    plain_output = max(completion_tokens, 0) - reasoning
+    # token counts are unsigned in the event; cached is part of prompt, reasoning of completion
+    prompt = prompt_tokens if prompt_tokens > 0 else 0
+    completion = completion_tokens if completion_tokens > 0 else 0
+    cached = cached_tokens if 0 < cached_tokens < prompt else (prompt if cached_tokens > 0 else 0)
+    reasoning = reasoning_tokens if 0 < reasoning_tokens < completion else (completion if reasoning_tokens > 0 else 0)
     # micro-USD per 1M tokens x tokens = micro-USD x 1e6
-    scaled = (uncached * p.input_micros_per_mtok + cached * p.cached_input_micros_per_mtok
-              + plain_output * p.output_micros_per_mtok + reasoning * p.reasoning_micros_per_mtok)
-    tokens = (scaled + MICRO // 2) // MICRO
+    scaled = ((prompt - cached) * p.input_micros_per_mtok + cached * p.cached_input_micros_per_mtok
+              + (completion - reasoning) * p.output_micros_per_mtok + reasoning * p.reasoning_micros_per_mtok)
+    tokens = (scaled + 500_000) // MICRO
     return tokens + (p.request_fee_micros if request_fee else 0)
 
 

@@ -25,24 +25,26 @@ def stamp(book: PriceBook | None, ev: UsageEvent) -> None:
     if book is None:
         ev.price_status = UNPRICED
         return
-    model = ev.response_model or ev.request_model
     at = ev.start_time_unix_nano
-    entry = book.entry(model)
-    price = entry.price_at(at) if entry is not None else None
+    entry = book.entry(ev.response_model or ev.request_model)
+    if entry is None:
+        ev.price_status = UNPRICED
+        return
+    prompt, cached, completion = ev.prompt_tokens, ev.cached_tokens, ev.completion_tokens
+    price = entry.price_at(at)
     if price is None:
         ev.price_status = UNPRICED
     else:
         ev.list_cost_micros = cost_micros(
-            price, prompt_tokens=ev.prompt_tokens, cached_tokens=ev.cached_tokens,
-            completion_tokens=ev.completion_tokens, reasoning_tokens=ev.reasoning_tokens,
-            request_fee=ev.http_status < 400 and not ev.error)
+            price, prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion,
+            reasoning_tokens=ev.reasoning_tokens, request_fee=ev.http_status < 400 and not ev.error)
         ev.price_status = PRICED
         ev.price_ref = price.ref
-    pool = book.pools.get(entry.pool) if entry is not None and entry.pool else None
+    pool = book.pools.get(entry.pool) if entry.pool else None
     if pool is not None:
         ev.gpu_pool = pool.name
-        ev.gpu_work_milli = pool.work_milli(at, prompt_tokens=ev.prompt_tokens, cached_tokens=ev.cached_tokens,
-                                            completion_tokens=ev.completion_tokens)
+        ev.gpu_work_milli = pool.work_milli(at, prompt_tokens=prompt, cached_tokens=cached,
+                                            completion_tokens=completion)
 
 
 class PricingStage:

@@ -82,8 +82,8 @@ def _wait_clear_of_the_hour() -> datetime:
     return datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def _send(stack, team: str, i: int) -> tuple[str, int, int, int]:
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="k", max_retries=0,
+def _send(url: str, team: str, i: int) -> tuple[str, int, int, int]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0,
                            default_headers={"x-team": team, "x-feature": "f", "x-user": f"{team}-{i}"})
     messages = [{"role": "user", "content": f"Team {team} asks question {i % 3} about GPU chargeback."}]
     if i % 2:
@@ -99,7 +99,7 @@ def _send(stack, team: str, i: int) -> tuple[str, int, int, int]:
 def _traffic(stack, per_team: int, offset: int) -> None:
     jobs = [(team, offset + i) for team in TEAMS for i in range(per_team)]
     with ThreadPoolExecutor(4) as pool:
-        stack.usage += list(pool.map(lambda j: _send(stack, *j), jobs))
+        stack.usage += list(pool.map(lambda j: _send(stack.url, *j), jobs))
 
 
 def _admin(stack, path: str, **params: str) -> dict:
@@ -187,7 +187,7 @@ def test_a_price_correction_reprices_history_through_the_cli(stack):
     assert rollup == raw == lists
     assert Decimal(result["list_cost_usd_after"]) == sum(lists.values())
     # and a new request is priced with the corrected book too
-    stack.usage.append(_send(stack, "search", 1000))
+    stack.usage.append(_send(stack.url, "search", 1000))
     lists, _, _ = _expected(stack, corrected)
     rollup = {r["team"]: Decimal(r["cost_usd"]) for r in
               _admin(stack, "/v1/usage", report="chargeback", by="team", since=hour.isoformat())["rows"]}
@@ -207,3 +207,28 @@ def test_a_broken_correction_is_refused_naming_the_line_and_changes_nothing(stac
     finally:
         stack.pricing.write_text(good)
     assert _admin(stack, "/v1/usage", report="chargeback", by="team")["rows"] == before
+
+
+def test_events_relayed_by_worker_processes_are_priced_by_the_parent(tmp_path):
+    from tests.stack import RecordingSink, wait_events
+
+    pricing = tmp_path / "pricing.yaml"
+    _write_pricing(pricing, PRICES)
+    rec = RecordingSink()
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2},
+                                          pricing={"file": str(pricing)}), extra_sinks=[rec]).start()
+    sim, sim_url = start_sim(tmp_path, "--tokens-per-second", "0")
+    envoy, url, _ = start_envoy(tmp_path, sim_url, sc.sidecar.grpc_port, concurrency=2)
+    try:
+        usage = [_send(url, "search", i) for i in range(6)]
+        events = [e for i in range(6) for e in wait_events(rec, f"search-{i}", 1)]
+        assert all(e.price_status == "priced" and e.gpu_pool == "sim-gpu" for e in events)
+        expected = sum(_list_cost(p, c, o, PRICES) for _, p, c, o in usage)
+        assert sum(e.list_cost_micros for e in events) == int(expected * 10**6)
+        rows = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{sc.sidecar.admin_port}/v1/usage?by=team", timeout=60).read())["rows"]
+        assert Decimal(rows[0]["cost_usd"]) == expected
+    finally:
+        envoy.stop()
+        sim.stop()
+        sc.stop()

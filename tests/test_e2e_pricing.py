@@ -208,27 +208,3 @@ def test_a_broken_correction_is_refused_naming_the_line_and_changes_nothing(stac
         stack.pricing.write_text(good)
     assert _admin(stack, "/v1/usage", report="chargeback", by="team")["rows"] == before
 
-
-def test_events_relayed_by_worker_processes_are_priced_by_the_parent(tmp_path):
-    from tests.stack import RecordingSink, wait_events
-
-    pricing = tmp_path / "pricing.yaml"
-    _write_pricing(pricing, PRICES)
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2},
-                                          pricing={"file": str(pricing)}), extra_sinks=[rec]).start()
-    sim, sim_url = start_sim(tmp_path, "--tokens-per-second", "0")
-    envoy, url, _ = start_envoy(tmp_path, sim_url, sc.sidecar.grpc_port, concurrency=2)
-    try:
-        usage = [_send(url, "search", i) for i in range(6)]
-        events = [e for i in range(6) for e in wait_events(rec, f"search-{i}", 1)]
-        assert all(e.price_status == "priced" and e.gpu_pool == "sim-gpu" for e in events)
-        expected = sum(_list_cost(p, c, o, PRICES) for _, p, c, o in usage)
-        assert sum(e.list_cost_micros for e in events) == int(expected * 10**6)
-        rows = json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{sc.sidecar.admin_port}/v1/usage?by=team", timeout=60).read())["rows"]
-        assert Decimal(rows[0]["cost_usd"]) == expected
-    finally:
-        envoy.stop()
-        sim.stop()
-        sc.stop()

@@ -122,3 +122,25 @@ async def test_unpriced_models_and_unmetered_paths_are_counted_not_billed(tmp_pa
     assert status == [("mistral-7b", "unpriced", 0), (LLAMA, "priced", 200_000), ("", "unmetered", 0)]
     assert (row["requests"], row["unpriced_requests"], row["cost_usd"]) == (3, 1, Decimal("0.2"))
     assert (spender["cost_usd"], spender["unpriced_requests"]) == (Decimal("0.2"), 1)
+
+
+async def test_exports_keep_money_exact(tmp_path: Path) -> None:
+    import io
+
+    import orjson
+    import pyarrow.parquet as pq
+
+    from extproc.storage.reports import render
+
+    book = load_pricing(ROOT / "deploy" / "pricing.example.yaml")
+    async with chdb_storage(settings_for(tmp_path)) as st:
+        await st.sync_pool_rates(book)
+        await _store(st, _worked_example(book))
+        rows = await st.report("chargeback", ["team"], since=HOUR, until=HOUR + timedelta(hours=1))
+    table = pq.read_table(io.BytesIO(render(rows, "parquet")))
+    assert str(table.schema.field("cost_usd").type).startswith("decimal")
+    assert dict(zip(table.column("team").to_pylist(), table.column("gpu_cost_usd").to_pylist(), strict=True)) == {
+        "search": Decimal("3.252"), "support": Decimal("0.813")}
+    as_json = {r["team"]: r["cost_usd"] for r in orjson.loads(render(rows, "json"))}
+    assert as_json == {"search": "1.080000", "support": "0.270000"}  # decimal strings, never floats
+    assert ",1.080000," in render(rows, "csv").decode()

@@ -33,6 +33,8 @@ models:
     changes:
       - from: 2026-12-02T12:00:00Z
         output_per_mtok: 1.00
+  "*":
+    pool: p                        # served by the pool, no list price: unpriced
 gpu_pools:
   p:
     gpus: 1
@@ -55,6 +57,8 @@ def _events(book) -> list:
                         + i * 2 * 3600 * NS + 17 * NS, request_model=model, response_model=model,
                         prompt_tokens=1000 + 37 * i, cached_tokens=(i % 4) * 100, completion_tokens=50 + 11 * i,
                         reasoning_tokens=i % 5)
+        if i % 10 == 9:  # an unmetered path (/v1/models): no model, no price, no GPU work
+            ev.metered, ev.request_model, ev.response_model = False, "", ""
         stamp(book, ev)
         out.append(ev)
     return out
@@ -90,7 +94,7 @@ async def test_a_correction_reprices_history_from_since_and_reports_agree(tmp_pa
         expected[ev.request_id] = (again.list_cost_micros, again.price_status, again.price_ref, again.gpu_pool,
                                    again.gpu_work_milli)
     assert stored == expected
-    assert {v[1] for v in expected.values()} == {"priced", "unpriced"}  # mistral has no price
+    assert {v[1] for v in expected.values()} == {"priced", "unpriced", "unmetered"}  # mistral has no price
     assert sum(1 for e in events if e.start_time_unix_nano >= cut) == result["events"] == 36
     assert result["since"] == "2026-12-03T00:00:00Z" and result["rollup_hours"] == 36
     assert Decimal(result["list_cost_usd_after"]) < Decimal(result["list_cost_usd_before"])

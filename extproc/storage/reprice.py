@@ -105,8 +105,8 @@ def _expressions(book: PriceBook, models: list[str], params: dict[str, Any]) -> 
         "list_cost_micros": f"if(metered, {multi(cost, 'toInt64(0)')}, toInt64(0))",
         "price_status": f"if(NOT metered, 'unmetered', if({priced}, 'priced', 'unpriced'))",
         "price_ref": f"if(metered, {multi(ref, chr(39) * 2)}, '')",
-        "gpu_pool": multi(pool, "''"),
-        "gpu_work_milli": multi(work, "toUInt64(0)"),
+        "gpu_pool": f"if(metered, {multi(pool, chr(39) * 2)}, '')",
+        "gpu_work_milli": f"if(metered, {multi(work, 'toUInt64(0)')}, toUInt64(0))",
     }
 
 

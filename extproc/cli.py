@@ -155,6 +155,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from extproc.storage.reports import format_rows
 
     settings = _settings(args)
+    if args.by is None:  # gpu_pools counts pool-hours: it groups by pool, not by team
+        from extproc.storage.reports import REPORTS
+
+        report = REPORTS.get(args.report)
+        args.by = ",".join(report.default_by) if report is not None and report.source == "pools" \
+            else "team,feature,model"
     params = {"report": args.report, "by": args.by}
     for key in ("since", "until", "limit"):
         if getattr(args, key):
@@ -344,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _storage_flags(p)
     p.add_argument("--report", default="chargeback", help="report name (a SQL file in deploy/clickhouse/queries)")
-    p.add_argument("--by", default="team,feature,model")
+    p.add_argument("--by", default=None, help="dimensions, comma separated (default team,feature,model; "
+                   "gpu_pools: pool)")
     p.add_argument("--since")
     p.add_argument("--until")
     p.add_argument("--limit", type=int)

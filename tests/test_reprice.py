@@ -117,3 +117,40 @@ async def test_reprice_refuses_hours_whose_raw_events_expired(tmp_path: Path) ->
         with pytest.raises(ValueError, match="storage.ttl_days"):
             await st.run(lambda c: reprice(c, parse_pricing(FIXED), DAY1, ttl_days=30,
                                            now=DAY1 + timedelta(days=31)))
+
+
+def test_reprice_and_report_on_the_store_when_no_sidecar_runs(tmp_path: Path) -> None:
+    """The CLI's direct path: no sidecar answers, so `extproc reprice --pricing` opens the store."""
+    import json
+    import subprocess
+    import sys
+
+    from extproc.devstack import free_port
+
+    wrong = parse_pricing(WRONG)
+    settings = settings_for(tmp_path)
+
+    async def fill() -> None:
+        async with chdb_storage(settings) as st:
+            await st.sync_pool_rates(wrong)
+            await _store(st, _events(wrong))
+
+    asyncio.run(fill())
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(FIXED)
+    common = ["--dsn", settings.storage.dsn, "--spool-dir", settings.spool.dir,
+              "--admin-url", f"http://127.0.0.1:{free_port()}"]  # nobody listens there
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "extproc", *args, *common], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    out = json.loads(cli("reprice", "--since", "2026-12-01", "--pricing", str(fixed)))
+    assert out["events"] == 60 and out["since"] == "2026-12-01T00:00:00Z"
+    pools = json.loads(cli("report", "--report", "gpu_pools", "--format", "json",
+                           "--since", "2026-12-01", "--until", "2026-12-02"))
+    assert [(p["pool"], p["pool_hours"], p["pool_cost_usd"]) for p in pools] == [("p", 24, "48.000000")]
+    rows = json.loads(cli("report", "--by", "team", "--format", "json"))
+    assert sum(Decimal(r["cost_usd"]) for r in rows) == Decimal(out["list_cost_usd_after"])

@@ -144,3 +144,27 @@ async def test_exports_keep_money_exact(tmp_path: Path) -> None:
     as_json = {r["team"]: r["cost_usd"] for r in orjson.loads(render(rows, "json"))}
     assert as_json == {"search": "1.080000", "support": "0.270000"}  # decimal strings, never floats
     assert ",1.080000," in render(rows, "csv").decode()
+
+
+async def test_history_from_before_pricing_shows_as_unpriced_after_the_upgrade(tmp_path: Path, monkeypatch) -> None:
+    from extproc.storage import migrations, sink
+    from extproc.storage.columns import to_arrow
+
+    current = migrations.load_migrations
+    monkeypatch.setattr(migrations, "load_migrations", lambda cluster=False: current(cluster)[:4])  # to 0003
+    new_columns = ["price_status", "price_ref", "gpu_pool", "list_cost_micros", "gpu_work_milli"]
+    monkeypatch.setattr(sink, "to_arrow", lambda *a, **k: to_arrow(*a, **k).drop_columns(new_columns))
+    old = [make_event(i, team="search", start_time_unix_nano=HOUR_NS + i) for i in range(5)]
+    async with chdb_storage(settings_for(tmp_path, storage={"insert_format": "arrow"})) as st:
+        assert st.migrations_applied[-1] == "0003_protobuf_input"
+        await _store(st, old)
+    monkeypatch.setattr(migrations, "load_migrations", current)
+    monkeypatch.setattr(sink, "to_arrow", to_arrow)
+    book = load_pricing(ROOT / "deploy" / "pricing.example.yaml")
+    async with chdb_storage(settings_for(tmp_path)) as st:
+        assert st.migrations_applied[:2] == ["0005_pricing", "0006_gpu_pool_rates"]
+        await st.sync_pool_rates(book)
+        await _store(st, [_priced(book, 10, "search", prompt_tokens=1_000_000, completion_tokens=0)])
+        (row,) = await st.report("chargeback", ["team"], since=HOUR, until=HOUR + timedelta(hours=1))
+    # the 5 old events were never priced: counted as such, not as free
+    assert (row["requests"], row["unpriced_requests"], row["cost_usd"]) == (6, 5, Decimal("0.2"))

@@ -14,6 +14,7 @@ issue 5 could save, next to what `bench.run` measures end to end.
 - h2conn: the h2 transport's connection core for one request's stream as Envoy sends it (HEADERS,
   then the 4 messages of exchange.json in 4 reads, then WINDOW_UPDATE), with a session that
   answers at once: HTTP/2 + gRPC framing, HPACK, protobuf parse and serialize, no metering
+- pricing.emit: the pricing stage (deploy/pricing.example.yaml) stamping cost and GPU work
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from extproc.tokenizers import TokenizerRegistry
 
 pb = wire.pb
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+_EXAMPLE_PRICING = Path(__file__).resolve().parent.parent / "deploy" / "pricing.example.yaml"
 
 
 def _headers(pairs: dict[str, str], response: bool = False, eos: bool = False) -> bytes:
@@ -174,6 +176,11 @@ def measure(n: int) -> list[tuple[str, float, str]]:
         settings.spool.dir = str(tmp / "spool")
         metrics = UsageMetrics.from_settings(settings, SidecarStats())
         rows.append(("telemetry.emit (OTel metrics)", timeit(lambda: metrics.emit(event), n), "per event"))
+        from extproc.governance.pricing import load_pricing
+        from extproc.governance.stamp import PricingStage
+
+        pricing = PricingStage(load_pricing(_EXAMPLE_PRICING))
+        rows.append(("pricing.emit (list cost + GPU work)", timeit(lambda: pricing.emit(event), n), "per event"))
         storage = await open_storage(settings)
         sink = storage.sink()
         await sink.start()

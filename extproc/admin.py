@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 ReportFn = Callable[..., Awaitable[list[dict[str, Any]]]]
 FlushFn = Callable[[], Awaitable[bool]]
 MetricsFn = Callable[[], tuple[bytes, str]]
+RepriceFn = Callable[[datetime], Awaitable[dict[str, Any]]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -47,6 +48,7 @@ def build_admin_app(
     metrics: MetricsFn | None = None,
     extra_stats: Callable[[], dict[str, Any]] | None = None,
     worker_stats: Callable[[], dict[str, Any]] | None = None,
+    reprice: RepriceFn | None = None,
 ) -> web.Application:
     app = web.Application()
 
@@ -96,12 +98,25 @@ def build_admin_app(
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         return _json({"report": q.get("report", "chargeback"), "by": by, "rows": rows})
 
+    async def post_reprice(request: web.Request) -> web.Response:
+        if reprice is None:
+            raise web.HTTPNotFound(text="no storage configured\n")
+        since = _parse_time(request.query.get("since"), "since")
+        if since is None:
+            raise web.HTTPBadRequest(text="since is required (ISO 8601): re-price events from then on\n")
+        try:
+            result = await reprice(since)
+        except ValueError as exc:  # a bad pricing file (PricingError), expired raw events
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+        return _json(result)
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", healthz)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_post("/v1/flush", post_flush)
     app.router.add_get("/v1/usage", get_usage)
+    app.router.add_post("/v1/reprice", post_reprice)
     return app
 
 

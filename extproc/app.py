@@ -80,6 +80,7 @@ class Sidecar:
         self.service: ExtProcService | None = None
         self.workers: Any = None  # WorkerPool when grpc.workers > 1
         self._sweeper: asyncio.Task | None = None
+        self.pricing: Any = None  # governance.stamp.PricingStage (main process only)
 
     async def start(self) -> None:
         try:
@@ -121,15 +122,27 @@ class Sidecar:
 
     async def _start_sinks(self) -> None:
         s = self.settings
+        from extproc.governance.stamp import PricingStage
+
+        book = None
+        if s.pricing.file:
+            from extproc.governance.pricing import load_pricing
+
+            book = load_pricing(s.pricing.file)  # refused before anything listens
+        self.pricing = PricingStage(book)
+        self.sinks.append(self.pricing)  # first: everything after it sees the priced event
         if self._with_storage:
             from extproc.storage import open_storage
 
             self.storage = await open_storage(s)
+            if book is not None:
+                await self.storage.sync_pool_rates(book)
             self.sinks.append(self.storage.sink())
         from extproc.telemetry import UsageMetrics
 
         self.telemetry = UsageMetrics.from_settings(
-            s, self.stats, storage=self.storage, extra_readers=self._metric_readers)
+            s, self.stats, storage=self.storage, extra_readers=self._metric_readers,
+            pricing=self.pricing.cost_usd if book is not None else None)
         self.sinks.append(self.telemetry)
         self.sinks.extend(self._extra_sinks)
 
@@ -165,8 +178,23 @@ class Sidecar:
             metrics=self.telemetry.render_prometheus if self.telemetry.prometheus else None,
             extra_stats=self._storage_stats,
             worker_stats=self.workers.stats_view if self.workers is not None else None,
+            reprice=self.reprice if self.storage else None,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
+
+    async def reprice(self, since: Any) -> dict[str, Any]:
+        """Reload the pricing file (a corrected price), price new events with it, and re-price
+        the stored events from since's hour on."""
+        if not self.settings.pricing.file:
+            raise ValueError("no pricing file configured (pricing.file, --pricing FILE)")
+        if self.storage is None:
+            raise ValueError("no storage configured")
+        from extproc.governance.pricing import load_pricing
+
+        book = await asyncio.to_thread(load_pricing, self.settings.pricing.file)
+        self.pricing.book = book
+        await self.force_flush()  # what was priced with the old book is stored before the rewrite
+        return await self.storage.reprice(book, since)
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""`extproc` command line: serve, sim, dev, demo, report, migrate, envoy-config.
+"""`extproc` command line: serve, sim, dev, demo, report, reprice, migrate, envoy-config.
 
 Commands and flags are public interface: add, never rename.
 """
@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import orjson
 from extproc.config import ConfigError, Settings, SpoolSettings, load_settings
 
 log = logging.getLogger("extproc")
+# the shipped example, used by `extproc demo` (a source checkout; pip installs lack deploy/)
+_EXAMPLE_PRICING = Path(__file__).resolve().parent.parent / "deploy" / "pricing.example.yaml"
 
 
 def _setup_logging(level: str) -> None:
@@ -56,6 +59,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["usage"] = {"force_include_usage": False}
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
+    if getattr(args, "pricing", None):
+        overrides["pricing"] = {"file": str(Path(args.pricing).resolve())}
     settings = load_settings(getattr(args, "config", None), overrides)
     if getattr(args, "data_dir", None) and not getattr(args, "spool_dir", None) \
             and settings.spool.dir == SpoolSettings().dir:
@@ -94,6 +99,8 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
     ports = StackPorts(args.port, args.envoy_admin_port, args.grpc_port, args.admin_port, args.sim_port)
     sim_args = ["--tokens-per-second", str(args.tokens_per_second)]
     serve_args = ["--transport", args.transport] if args.transport else []
+    if getattr(args, "pricing", None):
+        serve_args += ["--pricing", str(Path(args.pricing).resolve())]
     return DevStack(ports=ports, data_dir=args.data_dir, upstream=args.upstream, mode=args.mode,
                     config=args.config, sim_args=sim_args, serve_args=serve_args, workers=args.workers)
 
@@ -134,7 +141,10 @@ def _report_via_admin(admin_url: str, params: dict[str, str]) -> list[dict[str, 
     url = f"{admin_url.rstrip('/')}/v1/usage?{urllib.parse.urlencode(params)}"
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
-            return orjson.loads(resp.read())["rows"]
+            rows = orjson.loads(resp.read())["rows"]
+        # money travels as exact decimal strings: back to Decimal (Parquet: decimal128, not text)
+        return [{k: Decimal(v) if k.endswith("_usd") and isinstance(v, str) else v for k, v in r.items()}
+                for r in rows]
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"extproc report: {exc.code} from {url}: {exc.read().decode(errors='replace')}") from None
     except (urllib.error.URLError, ConnectionError):
@@ -145,6 +155,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from extproc.storage.reports import format_rows
 
     settings = _settings(args)
+    if args.by is None:  # gpu_pools counts pool-hours: it groups by pool, not by team
+        from extproc.storage.reports import REPORTS
+
+        report = REPORTS.get(args.report)
+        args.by = ",".join(report.default_by) if report is not None and report.source == "pools" \
+            else "team,feature,model"
     params = {"report": args.report, "by": args.by}
     for key in ("since", "until", "limit"):
         if getattr(args, key):
@@ -200,6 +216,38 @@ def _filters(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def cmd_reprice(args: argparse.Namespace) -> int:
+    since = _time(args.since, "--since")
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    admin_url = args.admin_url or f"http://{settings.admin.host}:{settings.admin.port}"
+    url = f"{admin_url.rstrip('/')}/v1/reprice?{urllib.parse.urlencode({'since': args.since})}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=600) as resp:
+            result = orjson.loads(resp.read())
+        print(f"repriced through the running sidecar ({admin_url}), with its pricing file:")
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"extproc reprice: {exc.code} from {url}: {exc.read().decode(errors='replace')}") from None
+    except (urllib.error.URLError, ConnectionError):
+        result = asyncio.run(_reprice_direct(settings, since))
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+async def _reprice_direct(settings: Settings, since: Any) -> dict[str, Any]:
+    from extproc.governance.pricing import load_pricing
+    from extproc.storage import open_storage
+
+    if not settings.pricing.file:
+        raise ConfigError("extproc reprice needs the corrected pricing file: --pricing FILE (or pricing.file)")
+    book = load_pricing(settings.pricing.file)
+    storage = await open_storage(settings)
+    try:
+        return await storage.reprice(book, since)
+    finally:
+        await storage.close()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from extproc.storage.client import make_client
     from extproc.storage.migrations import migrate
@@ -224,6 +272,11 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML settings file (also EXTPROC_CONFIG)")
     p.add_argument("--log-level", default=None)
+
+
+def _pricing_flag(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--pricing", metavar="FILE", default=default,
+                   help="pricing file: list prices and GPU pools (pricing.file; deploy/pricing.example.yaml)")
 
 
 def _storage_flags(p: argparse.ArgumentParser) -> None:
@@ -263,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer.json for a served model ('llama3' = bundled Llama 3); repeatable")
     p.add_argument("--no-force-include-usage", action="store_true",
                    help="do not set stream_options.include_usage on streaming requests")
+    _pricing_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sim", help="run the vLLM-compatible simulator")
@@ -282,19 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="simulator + sidecar + Envoy in the foreground until Ctrl-C")
     _common(p)
     _stack_flags(p)
+    _pricing_flag(p)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("demo", help="start the dev stack, send traffic from several teams, print chargeback")
     _common(p)
     _stack_flags(p)
     p.add_argument("--requests", type=int, default=6, help="requests per team")
+    _pricing_flag(p, default=str(_EXAMPLE_PRICING) if _EXAMPLE_PRICING.is_file() else None)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="chargeback report (through a running sidecar, else from the store)")
     _common(p)
     _storage_flags(p)
     p.add_argument("--report", default="chargeback", help="report name (a SQL file in deploy/clickhouse/queries)")
-    p.add_argument("--by", default="team,feature,model")
+    p.add_argument("--by", default=None, help="dimensions, comma separated (default team,feature,model; "
+                   "gpu_pools: pool)")
     p.add_argument("--since")
     p.add_argument("--until")
     p.add_argument("--limit", type=int)
@@ -304,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only rows where a dimension has this value, e.g. team=search; repeatable")
     p.add_argument("--admin-url", help="sidecar admin URL (default from settings)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("reprice", help="re-price stored events from a time on with the corrected pricing file")
+    _common(p)
+    _storage_flags(p)
+    _pricing_flag(p)
+    p.add_argument("--since", required=True, help="ISO 8601 date or time (UTC): from the start of its hour")
+    p.add_argument("--admin-url", help="sidecar admin URL (default from settings); it reloads its own pricing file")
+    p.set_defaults(func=cmd_reprice)
 
     p = sub.add_parser("migrate", help="apply ClickHouse migrations")
     _common(p)

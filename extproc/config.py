@@ -153,6 +153,13 @@ class MetricsSettings:
 
 
 @dataclass
+class PricingSettings:
+    # YAML price book: list prices per model and GPU pools (deploy/pricing.example.yaml);
+    # empty: every metered event is stored `unpriced`
+    file: str = ""
+
+
+@dataclass
 class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -163,6 +170,7 @@ class Settings:
     batch: BatchSettings = field(default_factory=BatchSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    pricing: PricingSettings = field(default_factory=PricingSettings)
     provider_name: str = "vllm"
     log_level: str = "INFO"
 

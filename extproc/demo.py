@@ -7,6 +7,7 @@ import json
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 
 from extproc.devstack import DevStack
 
@@ -48,10 +49,27 @@ def _traffic(base_url: str, team: str, feature: str, n: int, model: str) -> int:
     return sent
 
 
-def _report(admin_url: str) -> list[dict]:
-    url = f"{admin_url}/v1/usage?report=chargeback&by=team,feature,model"
+def _report(admin_url: str, report: str = "chargeback", by: str = "team,feature,model") -> list[dict]:
+    url = f"{admin_url}/v1/usage?report={report}&by={by}"
     with urllib.request.urlopen(url, timeout=60) as resp:
-        return json.loads(resp.read())["rows"]
+        rows = json.loads(resp.read())["rows"]
+    # money comes as exact decimal strings
+    return [{k: Decimal(v) if k.endswith("_usd") and isinstance(v, str) else v for k, v in r.items()} for r in rows]
+
+
+def gpu_summary(chargeback: list[dict], pools: list[dict]) -> str:
+    """The one line: what our GPUs cost (used and idle) against what list prices would charge."""
+    listed = sum((Decimal(str(r.get("cost_usd") or 0)) for r in chargeback), Decimal(0))
+    unpriced = sum(int(r.get("unpriced_requests") or 0) for r in chargeback)
+    note = f" ({unpriced} requests without a list price not included)" if unpriced else ""
+    if not pools:
+        return f"Own GPUs vs list price: no GPU pools in the pricing file; list price {listed} USD{note}"
+    cost = sum((Decimal(str(p["pool_cost_usd"])) for p in pools), Decimal(0))
+    used = sum((Decimal(str(p["allocated_usd"])) for p in pools), Decimal(0))
+    idle = sum((Decimal(str(p["idle_usd"])) for p in pools), Decimal(0))
+    hours = sum(int(p["pool_hours"]) for p in pools)
+    return (f"Own GPUs vs list price: our GPUs cost {cost} USD over {hours} pool-hour(s) ({used} USD used by "
+            f"requests, {idle} USD idle); the same requests at list prices: {listed} USD{note}")
 
 
 def run_demo(stack: DevStack, requests_per_team: int = 6) -> int:
@@ -71,7 +89,12 @@ def run_demo(stack: DevStack, requests_per_team: int = 6) -> int:
         print(f"sent {sent} requests from {len(TEAMS)} teams in {time.monotonic() - t1:.1f}s "
               "(streaming and not; chat, completions, embeddings)", flush=True)
         rows = _report(stack.admin_url)
+        pools = _report(stack.admin_url, "gpu_pools", "pool")
     print("\nChargeback by team / feature / model (everything in the store, earlier runs included):\n")
     format_rows(rows, "table")
+    if pools:
+        print("\nGPU pools: cost, what requests used, and idle capacity:\n")
+        format_rows(pools, "table")
+    print("\n" + gpu_summary(rows, pools))
     print(f"\nEvents are stored in {stack.data_dir}; query again with: extproc report --data-dir {stack.data_dir}")
     return 0

@@ -3,14 +3,17 @@ with the openai client, and the chargeback table it prints, checked row by row."
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from decimal import Decimal
 
 from extproc.demo import TEAMS
 from extproc.devstack import free_port
 
 COLUMNS = ("team", "feature", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens",
-           "reasoning_tokens", "total_tokens", "errors", "client_aborted")
+           "reasoning_tokens", "total_tokens", "errors", "client_aborted", "cost_usd", "unpriced_requests",
+           "gpu_cost_usd")
 
 
 def _table(out: str) -> dict[tuple[str, str], dict[str, str]]:
@@ -54,5 +57,20 @@ def test_demo_prints_a_chargeback_row_per_team_and_feature(tmp_path):
         assert int(row["total_tokens"]) == prompt + completion
         # embeddings produce no output tokens; every other feature generates text
         assert (completion == 0) == key[1].startswith("embeddings"), row
+        # deploy/pricing.example.yaml: 0.20 / 0.02 / 0.80 USD per 1M tokens, each request rounded
+        cached = int(row["cached_tokens"])
+        exact = (Decimal(prompt - cached) * Decimal("0.20") + cached * Decimal("0.02")
+                 + completion * Decimal("0.80")) / 10**6
+        assert abs(Decimal(row["cost_usd"]) - exact) <= Decimal("0.0000005") * per_team, row
+        assert int(row["unpriced_requests"]) == 0 and Decimal(row["gpu_cost_usd"]) > 0, row
     models = rows["platform", "unattributed"]
     assert (models["model"], models["requests"], models["total_tokens"]) == ("", "1", "0")
+    assert (Decimal(models["cost_usd"]), models["unpriced_requests"]) == (0, "0")  # unmetered: not billable
+    summary = next(line for line in done.stdout.splitlines() if line.startswith("Own GPUs vs list price: "))
+    used, idle, listed = (Decimal(x) for x in re.findall(
+        r"\(([0-9.]+) USD used by requests, ([0-9.]+) USD idle\); the same requests at list prices: ([0-9.]+) USD$",
+        summary)[0])
+    assert listed == sum(Decimal(r["cost_usd"]) for r in rows.values())
+    # the pool's allocated total is rounded once, each row of the table once
+    assert abs(used - sum(Decimal(r["gpu_cost_usd"]) for r in rows.values())) <= Decimal("0.000001") * len(rows)
+    assert idle > used > 0

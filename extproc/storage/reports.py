@@ -52,6 +52,17 @@ RAW_DIMS = {
     "day": "toDate(start_time)",
     "month": "toStartOfMonth(start_time)",
 }
+# the gpu_pools report: pool-hours, not requests
+POOL_DIMS = {
+    "pool": "pool",
+    "hour": "hour",
+    "day": "toDate(hour)",
+    "month": "toStartOfMonth(hour)",
+}
+ROLLUP_DIMS["pool"] = "gpu_pool"
+RAW_DIMS["pool"] = "gpu_pool"
+RAW_DIMS["price_status"] = "price_status"
+_FIXED_DIMS = {"rollup": ROLLUP_DIMS, "pools": POOL_DIMS}
 # dimensions whose values can be filtered on (as String)
 _TIME_DIMS = {"hour", "day", "month"}
 _NUMERIC_DIMS = {"status"}
@@ -96,7 +107,7 @@ REPORTS = load_reports()
 
 def dimensions(report: Report, label_names: Iterable[str] = ()) -> list[str]:
     """The `by` values a report accepts: fixed columns, plus configured labels on raw data."""
-    dims = dict(ROLLUP_DIMS if report.source == "rollup" else RAW_DIMS)
+    dims = dict(_FIXED_DIMS.get(report.source, RAW_DIMS))
     names = list(dims)
     if report.source == "raw":
         names += [n for n in label_names if n not in dims and _LABEL_NAME.match(n)]
@@ -123,7 +134,7 @@ def build_query(
     if report is None:
         raise ReportError(f"unknown report {name!r}; available: {', '.join(sorted(REPORTS))}")
     allowed = dimensions(report, label_names)
-    fixed = ROLLUP_DIMS if report.source == "rollup" else RAW_DIMS
+    fixed = _FIXED_DIMS.get(report.source, RAW_DIMS)
     if isinstance(by, str):
         by = [by]
     dims: list[str] = []

@@ -150,6 +150,20 @@ class Storage:
         build_query(name, **kwargs)  # validate here: bad input never reaches the thread
         return await self.run(lambda c: run_report(c, name, **kwargs))
 
+    async def sync_pool_rates(self, book: Any) -> int:
+        """Write the price book's GPU pool rates (governance.pricing.PriceBook) for the reports."""
+        from extproc.storage.rates import sync_rates
+
+        return await self.run(lambda c: sync_rates(c, book))
+
+    async def reprice(self, book: Any, since: datetime) -> dict[str, Any]:
+        """Apply this price book to the events from since's hour on (storage/reprice.py)."""
+        from extproc.storage.reprice import reprice
+
+        await self.sync_pool_rates(book)
+        ttl = self.settings.storage.ttl_days
+        return (await self.run(lambda c: reprice(c, book, since, ttl_days=ttl))).as_dict()
+
     async def migrate(self) -> list[str]:
         await self.run(lambda c: None)  # the first connection migrates
         return await self.run(lambda c: migrate(c, self.settings)) or self.migrations_applied

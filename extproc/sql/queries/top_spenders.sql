@@ -8,7 +8,9 @@ SELECT
     sum(prompt_tokens)             AS prompt_tokens,
     sum(completion_tokens)         AS completion_tokens,
     sum(total_tokens)              AS total_tokens,
-    round(avg(usage_events.total_tokens), 1) AS avg_tokens_per_request
+    round(avg(usage_events.total_tokens), 1) AS avg_tokens_per_request,
+    toDecimal64(sum(list_cost_micros), 6) / 1000000 AS cost_usd,
+    countIf(metered AND price_status != 'priced') AS unpriced_requests
 FROM usage_events
 WHERE start_time >= {since:DateTime64(9, 'UTC')}
   AND start_time < {until:DateTime64(9, 'UTC')}

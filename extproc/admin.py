@@ -55,7 +55,8 @@ def build_admin_app(
 
     async def get_metrics(_: web.Request) -> web.Response:
         if metrics is None:
-            raise web.HTTPNotFound(text="Prometheus endpoint disabled (metrics.prometheus=false)\n")
+            raise web.HTTPNotFound(text="Prometheus endpoint disabled (metrics.prometheus=false, "
+                                         "OTEL_METRICS_EXPORTER without prometheus, or OTEL_SDK_DISABLED=true)\n")
         body, content_type = metrics()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type

@@ -135,7 +135,8 @@ class SpoolSettings:
 @dataclass
 class MetricsSettings:
     prometheus: bool = True
-    # OTLP export is configured by the standard OTEL_* variables; this switches it on.
+    # OTLP export is configured by the standard OTEL_* variables; this switches it on (so do
+    # OTEL_METRICS_EXPORTER and an OTLP endpoint variable: telemetry/otel_env.py).
     otlp: bool = False
     # labels (by label name) that become metric attributes
     labels: list[str] = field(default_factory=lambda: ["team", "feature", "env"])

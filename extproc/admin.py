@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 ReportFn = Callable[..., Awaitable[list[dict[str, Any]]]]
 FlushFn = Callable[[], Awaitable[bool]]
 MetricsFn = Callable[[], tuple[bytes, str]]
+# (timeout_s, min_s) -> result with drained / active_requests / seconds / detail
+DrainFn = Callable[[float, float], Awaitable[Any]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -47,11 +49,35 @@ def build_admin_app(
     metrics: MetricsFn | None = None,
     extra_stats: Callable[[], dict[str, Any]] | None = None,
     worker_stats: Callable[[], dict[str, Any]] | None = None,
+    ready: Callable[[], bool] | None = None,
+    drain_envoy: DrainFn | None = None,
 ) -> web.Application:
     app = web.Application()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        # liveness (/healthz) stays 200 while draining: a restart then would lose the drain
+        if ready is not None and not ready():
+            return web.Response(text="draining\n", status=503)
+        return web.Response(text="ok\n")
+
+    async def get_envoy_drain(request: web.Request) -> web.Response:
+        if drain_envoy is None:
+            raise web.HTTPNotFound(text="no Envoy drain configured\n")
+        try:
+            timeout_s = float(request.query.get("timeout_s", "30"))
+            min_s = float(request.query.get("min_s", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="timeout_s and min_s must be numbers of seconds\n") from None
+        if not (0 <= min_s <= timeout_s <= 3600):
+            raise web.HTTPBadRequest(text="need 0 <= min_s <= timeout_s <= 3600\n")
+        result = await drain_envoy(timeout_s, min_s)
+        log.info("Envoy drain (preStop): %s after %.1f s", result.detail, result.seconds)
+        return _json({"drained": result.drained, "active_requests": result.active_requests,
+                      "seconds": round(result.seconds, 3), "detail": result.detail},
+                     200 if result.drained else 504)
 
     async def get_metrics(_: web.Request) -> web.Response:
         if metrics is None:
@@ -98,7 +124,8 @@ def build_admin_app(
         return _json({"report": q.get("report", "chargeback"), "by": by, "rows": rows})
 
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/envoy/drain", get_envoy_drain)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_post("/v1/flush", post_flush)

@@ -27,10 +27,12 @@ class DrainResult:
 
 
 def active_requests(stats: dict) -> int:
-    """Sum of the HTTP connection managers' active downstream requests in /stats?format=json."""
+    """Sum of the listeners' active downstream requests in /stats?format=json; the admin
+    listener's own (http.admin.*: this very /stats request) does not count."""
     return sum(int(s.get("value", 0)) for s in stats.get("stats", ())
                if isinstance(s, dict) and str(s.get("name", "")).endswith("." + ACTIVE_STAT)
-               and str(s.get("name", "")).startswith("http."))
+               and str(s.get("name", "")).startswith("http.")
+               and not str(s.get("name", "")).startswith("http.admin."))
 
 
 async def drain_envoy(admin_url: str, *, timeout_s: float, min_s: float = 0.0,

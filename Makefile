@@ -44,5 +44,9 @@ dev: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# Mixed traffic through the real stack for SOAK_SECONDS (default 600); not part of `make test`
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
+
 clean:
 	rm -rf $(VENV) .extproc .pytest_cache

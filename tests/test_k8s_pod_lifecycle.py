@@ -193,6 +193,7 @@ def _run(pod: Pod, order: str) -> None:
         traffic.removed.set()
         pool.shutdown(wait=True)
     assert rc == 0
+    print(f"{order}: termination took {elapsed:.1f} s of the {pod.grace_s:.0f} s grace period")
     assert elapsed <= pod.grace_s, f"{elapsed:.1f} s > terminationGracePeriodSeconds {pod.grace_s}"
 
     log = sidecar.log.read_text()

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 XDS_REF := $(VENV)/xds-ref
 
-.PHONY: demo test lint proto bench clean dev install
+.PHONY: demo test lint proto bench clean dev install system-packages soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check extproc tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) $(XDS_REF)/.installed lint
+# kubectl, redis-server, wrk (Debian packages): installed when run as root, else a hint
+system-packages:
+	sh scripts/install-system-packages.sh
+
+test: $(STAMP) $(XDS_REF)/.installed lint system-packages
 	XDS_REF_PATH=$(abspath $(XDS_REF)) $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
@@ -40,6 +44,10 @@ dev: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Mixed traffic through the real stack for SOAK_SECONDS (default 600); not part of `make test`
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) .extproc .pytest_cache .mypy_cache

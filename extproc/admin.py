@@ -22,6 +22,8 @@ ReportFn = Callable[..., Awaitable[list[dict[str, Any]]]]
 FlushFn = Callable[[], Awaitable[bool]]
 MetricsFn = Callable[[], tuple[bytes, str]]
 RepriceFn = Callable[[datetime], Awaitable[dict[str, Any]]]
+# (timeout_s, min_s) -> result with drained / active_requests / seconds / detail
+DrainFn = Callable[[float, float], Awaitable[Any]]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -49,15 +51,40 @@ def build_admin_app(
     extra_stats: Callable[[], dict[str, Any]] | None = None,
     worker_stats: Callable[[], dict[str, Any]] | None = None,
     reprice: RepriceFn | None = None,
+    ready: Callable[[], bool] | None = None,
+    drain_envoy: DrainFn | None = None,
 ) -> web.Application:
     app = web.Application()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def readyz(_: web.Request) -> web.Response:
+        # liveness (/healthz) stays 200 while draining: a restart then would lose the drain
+        if ready is not None and not ready():
+            return web.Response(text="draining\n", status=503)
+        return web.Response(text="ok\n")
+
+    async def get_envoy_drain(request: web.Request) -> web.Response:
+        if drain_envoy is None:
+            raise web.HTTPNotFound(text="no Envoy drain configured\n")
+        try:
+            timeout_s = float(request.query.get("timeout_s", "30"))
+            min_s = float(request.query.get("min_s", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="timeout_s and min_s must be numbers of seconds\n") from None
+        if not (0 <= min_s <= timeout_s <= 3600):
+            raise web.HTTPBadRequest(text="need 0 <= min_s <= timeout_s <= 3600\n")
+        result = await drain_envoy(timeout_s, min_s)
+        log.info("Envoy drain (preStop): %s after %.1f s", result.detail, result.seconds)
+        return _json({"drained": result.drained, "active_requests": result.active_requests,
+                      "seconds": round(result.seconds, 3), "detail": result.detail},
+                     200 if result.drained else 504)
+
     async def get_metrics(_: web.Request) -> web.Response:
         if metrics is None:
-            raise web.HTTPNotFound(text="Prometheus endpoint disabled (metrics.prometheus=false)\n")
+            raise web.HTTPNotFound(text="Prometheus endpoint disabled (metrics.prometheus=false, "
+                                         "OTEL_METRICS_EXPORTER without prometheus, or OTEL_SDK_DISABLED=true)\n")
         body, content_type = metrics()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
@@ -111,7 +138,8 @@ def build_admin_app(
         return _json(result)
 
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/envoy/drain", get_envoy_drain)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_post("/v1/flush", post_flush)

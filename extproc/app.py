@@ -81,6 +81,8 @@ class Sidecar:
         self.workers: Any = None  # WorkerPool when grpc.workers > 1
         self._sweeper: asyncio.Task | None = None
         self.pricing: Any = None  # governance.stamp.PricingStage (main process only)
+        # set on SIGTERM: the admin /readyz answers 503 from then on
+        self.draining = False
 
     async def start(self) -> None:
         try:
@@ -179,6 +181,8 @@ class Sidecar:
             extra_stats=self._storage_stats,
             worker_stats=self.workers.stats_view if self.workers is not None else None,
             reprice=self.reprice if self.storage else None,
+            ready=lambda: not self.draining,
+            drain_envoy=self._drain_envoy,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
 
@@ -200,6 +204,34 @@ class Sidecar:
         while True:
             await asyncio.sleep(5)
             self.service.sweep_pending()
+
+    async def _drain_envoy(self, timeout_s: float, min_s: float) -> Any:
+        from extproc.envoy_drain import drain_envoy
+
+        return await drain_envoy(self.settings.admin.envoy_admin_url, timeout_s=timeout_s, min_s=min_s)
+
+    def open_connections(self) -> int | None:
+        """Envoy's connections to this sidecar (h2 transport), None where not counted (grpcio)."""
+        if self.settings.grpc.transport != "h2":
+            return None
+        if self.workers is not None:
+            return sum(max(0, w.open_connections) for w in self.workers.workers)
+        return len(self.grpc_server.connections) if self.grpc_server is not None else 0
+
+    async def wait_for_envoy_to_leave(self, timeout_s: float) -> None:
+        """Keep serving until Envoy has closed its connections (grpcio: no stream is active),
+        for up to timeout_s: a GOAWAY while Envoy still takes requests would leave them
+        unmetered (Envoy fails open)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            n = self.open_connections()
+            if n == 0 or (n is None and self.stats.streams_opened == self.stats.streams_closed):
+                log.info("Envoy's connections are closed: stopping")
+                return
+            await asyncio.sleep(0.05)
+        log.warning("Envoy still connected after grpc.drain_timeout_ms (%d connections): stopping anyway",
+                    self.open_connections() or 0)
 
     def _storage_stats(self) -> dict[str, Any]:
         return self.storage.stats() if self.storage is not None else {}
@@ -245,5 +277,8 @@ class Sidecar:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("signal received: draining streams and flushing events")
+        self.draining = True
+        log.info("signal received: readiness false; draining streams and flushing events")
+        if self.settings.grpc.drain_timeout_ms > 0 and self._relay is None:
+            await self.wait_for_envoy_to_leave(self.settings.grpc.drain_timeout_ms / 1000)
         await self.stop()

@@ -265,6 +265,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     sys.stdout.write(render_yaml(EnvoyOptions(
         upstream=args.upstream, listen_host=args.listen_host, listen_port=args.port,
         admin_port=args.envoy_admin_port, extproc_address=args.extproc, mode=args.mode,
+        health_check_path=args.health_check_path,
     )))
     return 0
 
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--extproc", default="127.0.0.1:50051", help="sidecar address host:port or unix:/path")
     p.add_argument("--mode", choices=("sync", "observe", "hybrid"), default="sync")
+    p.add_argument("--health-check-path", default="",
+                   help="answered by Envoy itself (503 while draining), for a readiness probe")
     p.set_defaults(func=cmd_envoy_config)
     return parser
 

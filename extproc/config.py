@@ -43,12 +43,18 @@ class GrpcSettings:
     # port (SO_REUSEPORT) and the kernel hashes connections to them. Envoy opens one connection
     # per Envoy worker thread: run Envoy with --concurrency >= workers. See README.
     workers: int = 1
+    # On SIGTERM: readiness turns false at once; then keep serving until Envoy has closed its
+    # connections (or this long) before the GOAWAY. 0: no wait (Envoy is stopped first, as with
+    # a native sidecar container). h2 transport: counted per connection; grpcio: per stream.
+    drain_timeout_ms: int = 0
 
 
 @dataclass
 class AdminSettings:
     host: str = "127.0.0.1"
     port: int = 8081
+    # Envoy's admin API, for GET /v1/envoy/drain (the Envoy container's preStop hook)
+    envoy_admin_url: str = "http://127.0.0.1:9901"
 
 
 @dataclass
@@ -135,7 +141,8 @@ class SpoolSettings:
 @dataclass
 class MetricsSettings:
     prometheus: bool = True
-    # OTLP export is configured by the standard OTEL_* variables; this switches it on.
+    # OTLP export is configured by the standard OTEL_* variables; this switches it on (so do
+    # OTEL_METRICS_EXPORTER and an OTLP endpoint variable: telemetry/otel_env.py).
     otlp: bool = False
     # labels (by label name) that become metric attributes
     labels: list[str] = field(default_factory=lambda: ["team", "feature", "env"])
@@ -262,6 +269,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("grpc.busy_poll_us needs grpc.event_loop asyncio (uvloop has no pluggable selector)")
     if settings.grpc.workers < 1:
         raise ConfigError("grpc.workers must be at least 1")
+    if settings.grpc.drain_timeout_ms < 0:
+        raise ConfigError("grpc.drain_timeout_ms must not be negative")
     if settings.grpc.workers > 1 and settings.grpc.transport == "grpcio":
         # h2 workers get their connections from the main process; grpcio's bind the port
         if settings.grpc.listen.startswith("unix:"):

@@ -46,6 +46,10 @@ class EnvoyOptions:
     message_timeout_ms: int = 1000
     failure_mode_allow: bool = True
     route_timeout_s: int = 600
+    # non-empty: Envoy answers this path itself (health_check filter: 200, or 503 once told
+    # POST /healthcheck/fail while draining), for a readiness probe on the listener port: the
+    # admin address stays on loopback
+    health_check_path: str = ""
 
 
 def _socket_address(address: str) -> dict[str, Any]:
@@ -130,10 +134,23 @@ def _ext_proc_filters(opts: EnvoyOptions) -> list[dict[str, Any]]:
              "typed_config": _ext_proc_config(opts, observe=observe, request=True, response=True)}]
 
 
+def _health_check_filters(path: str) -> list[dict[str, Any]]:
+    if not path:
+        return []
+    if not path.startswith("/"):
+        raise ValueError(f"health_check_path must start with '/', got {path!r}")
+    return [{"name": "envoy.filters.http.health_check", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+        "pass_through_mode": False,
+        "headers": [{"name": ":path", "string_match": {"exact": path}}],
+    }}]
+
+
 def render(opts: EnvoyOptions) -> dict[str, Any]:
     if opts.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    filters = _ext_proc_filters(opts) if opts.with_extproc else []
+    filters = _health_check_filters(opts.health_check_path)
+    filters += _ext_proc_filters(opts) if opts.with_extproc else []
     filters.append({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -18,6 +19,7 @@ from opentelemetry.sdk.metrics import (
 )
 from opentelemetry.sdk.metrics.export import (
     CardinalityLimits,
+    ConsoleMetricExporter,
     MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
@@ -28,6 +30,9 @@ from prometheus_client.exposition import choose_encoder
 
 from extproc import __version__
 from extproc.config import ConfigError, Settings
+from extproc.telemetry.otel_env import ExportPlan, export_plan
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "extproc"
 # OTLP spec default; Python's `opentelemetry-instrument` picks grpc instead, so say it loudly in
@@ -96,6 +101,12 @@ def default_resource() -> Resource:
     return ours.merge(env)
 
 
+def plan_summary(plan: ExportPlan) -> str:
+    names = [n for n, on in (("prometheus", plan.prometheus), ("otlp", plan.otlp),
+                             ("console", plan.console)) if on]
+    return ", ".join(names) or "none"
+
+
 def cardinality_limits(max_series: int) -> CardinalityLimits:
     """The same per-metric series limit for every instrument kind (ExactCounter uses it too)."""
     # (no synchronous Gauge: we use none, and the SDK does not export its class publicly)
@@ -109,22 +120,29 @@ def build_meter_provider(
     *,
     extra_readers: Sequence[MetricReader] = (),
     resource: Resource | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[MeterProvider, PrometheusHandle | None]:
-    """Readers per settings.metrics: Prometheus (pull, admin /metrics) and OTLP (push, periodic,
-    interval from OTEL_METRIC_EXPORT_INTERVAL, default 60 s). Not registered as the global
-    provider, so tests and embedders can build several."""
+    """Readers per the OTEL_* variables and settings.metrics (otel_env.export_plan):
+    Prometheus (pull, admin /metrics), OTLP and console (push, periodic, interval from
+    OTEL_METRIC_EXPORT_INTERVAL, default 60 s). Not registered as the global provider, so tests
+    and embedders can build several."""
+    env = os.environ if environ is None else environ
+    plan = export_plan(settings, env)
+    log.info("metric exporters: %s (%s)", plan_summary(plan), plan.reason)
     readers: list[MetricReader] = list(extra_readers)
     handle: PrometheusHandle | None = None
     limits = cardinality_limits(settings.metrics.max_series)
-    if settings.metrics.prometheus:
+    if plan.prometheus:
         registry = CollectorRegistry(auto_describe=True)
         reader = PrometheusMetricReader(registry=registry, cardinality_limits=limits)
         handle = PrometheusHandle(reader, registry)
         readers.append(reader)
-    if settings.metrics.otlp:
+    if plan.otlp:
         readers.append(
-            PeriodicExportingMetricReader(otlp_exporter(), cardinality_limits=limits)
+            PeriodicExportingMetricReader(otlp_exporter(env), cardinality_limits=limits)
         )
+    if plan.console:
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), cardinality_limits=limits))
     # Exemplars need traces, which the sidecar does not produce: skip the per-measurement cost
     # unless explicitly asked for.
     exemplar_filter = (

@@ -140,11 +140,15 @@ class OtlpHttpReceiver:
 
 
 class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, sink: list[metrics_service_pb2.ExportMetricsServiceRequest]) -> None:
+    def __init__(self, sink: list[metrics_service_pb2.ExportMetricsServiceRequest],
+                 headers: list[dict[str, str]] | None = None) -> None:
         self._sink = sink
+        self._headers = headers
 
     async def Export(self, request, context):  # noqa: N802 (gRPC method name)
         self._sink.append(request)
+        if self._headers is not None:
+            self._headers.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
@@ -153,6 +157,7 @@ class OtlpGrpcReceiver:
 
     def __init__(self) -> None:
         self.requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+        self.headers: list[dict[str, str]] = []  # each Export's metadata
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -163,7 +168,7 @@ class OtlpGrpcReceiver:
     async def __aenter__(self) -> OtlpGrpcReceiver:
         self._server = grpc.aio.server()
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
-            _MetricsService(self.requests), self._server
+            _MetricsService(self.requests, self.headers), self._server
         )
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()

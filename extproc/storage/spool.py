@@ -18,8 +18,9 @@ fsync policies (what survives what):
           write(2), without a syscall (which would release the GIL on the event loop's
           thread). A group-commit thread fdatasyncs right behind: it survives power loss once
           that completes. Segments are preallocated (posix_fallocate), so a full disk fails a
-          rotation with ENOSPC instead of a SIGBUS in the middle of a copy; that thread
-          prepares the next segment (a spare) when the active one is half full, so a rotation
+          rotation with ENOSPC instead of a SIGBUS in the middle of a copy; another thread
+          prepares the next segment (a spare) once an eighth of the active one is used (a
+          quiet spool keeps one file, a busy one a spare beside it), so a rotation
           in append() is a swap, not a file creation. Batch markers are fdatasynced before
           each insert.
   batch   append() buffers in memory; the buffer is written and fdatasynced every
@@ -123,6 +124,8 @@ class Spool:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._spare_wake = threading.Event()
+        self._spare_thread: threading.Thread | None = None
         self.bytes_on_disk = 0
         self.write_errors = 0
         # rotations that had to create their segment in append() (no spare ready)
@@ -210,6 +213,10 @@ class Spool:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="extproc-spool", daemon=True)
         self._thread.start()
+        if self._always:
+            self._spare_thread = threading.Thread(target=self._run_spares, daemon=True,
+                                                  name="extproc-spool-prealloc")
+            self._spare_thread.start()
         if rec.events or rec.truncated_bytes or rec.corrupt_bytes:
             log.warning(
                 "spool %s: %d unacknowledged event(s) to replay from seq %d, %d pending "
@@ -229,8 +236,11 @@ class Spool:
             self._closed = True  # appends fail from here on: nothing can land after the flush
         self._stop.set()
         self._wake.set()
+        self._spare_wake.set()
         if self._thread is not None:
             self._thread.join()
+        if self._spare_thread is not None:
+            self._spare_thread.join()
         with suppress(OSError):  # flush counted, logged and recorded it as a gap
             self.flush(sync=True)
         self._delete_acked()  # closed: a fully acknowledged active segment goes too
@@ -288,8 +298,9 @@ class Spool:
         seg.mm[size:size + len(data)] = data
         self._written(seg, data, end_seq)
         if (self._spare is None and not self._spare_wanted and not self._spare_failed
-                and 2 * seg.size >= seg.capacity):
-            self._spare_wanted = True  # append() wakes the sync thread, which prepares it
+                and 8 * seg.size >= seg.capacity):
+            self._spare_wanted = True
+            self._spare_wake.set()
 
     def _activate(self, first_seq: int, need: int) -> Segment:
         """The next mapped segment: the spare, or (none ready, or the record does not fit it)
@@ -311,7 +322,8 @@ class Spool:
         return seg
 
     def _prepare_spare(self) -> None:
-        """The sync thread (and open()): create and map the next segment, off the event loop."""
+        """The preallocation thread (and open()): create and map the next segment, off the
+        event loop. Its own thread: the sync thread can sit in a long fdatasync."""
         with self._lock:
             if not self._spare_wanted or self._spare is not None or self._closed:
                 return
@@ -470,8 +482,6 @@ class Spool:
                     self._wake.clear()
                     if self._written_seq > self._synced_seq or self._to_close:
                         self.sync()
-                    if self._spare_wanted:
-                        self._prepare_spare()
                 else:
                     self._wake.wait(self.write_interval)
                     self._wake.clear()
@@ -479,6 +489,15 @@ class Spool:
             except Exception:
                 log.exception("spool writer failed; retrying")
                 self._stop.wait(0.5)
+
+    def _run_spares(self) -> None:
+        while not self._stop.is_set():
+            self._spare_wake.wait()
+            self._spare_wake.clear()
+            try:
+                self._prepare_spare()
+            except Exception:
+                log.exception("spool: preparing the next segment failed")
 
     # ---- reading (SegmentIndex for spool_reader) ------------------------------------------
 

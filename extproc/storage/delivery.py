@@ -134,7 +134,8 @@ class Delivery:
         return self._deliver(r, attempt)
 
     def _backoff(self, attempt: int) -> float:
-        return min(self._retry_max, self._retry_initial * 2**attempt) * random.uniform(0.8, 1.2)
+        delay: float = min(self._retry_max, self._retry_initial * 2**attempt)
+        return delay * random.uniform(0.8, 1.2)
 
     def _deliver(self, r: Ready, attempt: int = 0) -> bool:
         """Insert with write(), retrying until stored; False if shutdown's deadline passed."""

@@ -342,9 +342,10 @@ class Spool:
                         capacity=self.segment_bytes)
         with self._lock:
             self._spare_wanted = False
-            if not self._closed:
-                self._spare, spare = spare, None
-        if spare is not None:
+            installed = not self._closed
+            if installed:
+                self._spare = spare
+        if not installed:
             self._discard(spare)  # closed meanwhile
 
     @staticmethod

@@ -185,7 +185,7 @@ class Spool:
         last = written[-1] if written else None
         for path in paths:
             found = recover_segment(path, path == last, acked, self._dead.quarantine)
-            if found.segment is None and path.name.endswith(_SPARE_SUFFIX) and not found.corrupt_bytes:
+            if path.name.endswith(_SPARE_SUFFIX) and path not in written and not found.corrupt_bytes:
                 continue  # a spare never used: nothing was torn
             rec.truncated_bytes += found.truncated_bytes
             rec.corrupt_bytes += found.corrupt_bytes

@@ -278,10 +278,10 @@ def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"config key {where}{key} must be a mapping")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+            setattr(obj, key, _coerce(value, current, f"{where}{key}", str(known[key].type)))
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
+def _coerce(value: Any, current: Any, name: str, kind: str = "") -> Any:
     try:
         if isinstance(current, bool):
             if isinstance(value, str):
@@ -293,6 +293,8 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
             if isinstance(value, bool):
                 return value
             raise ValueError(value)
+        if kind == "float" and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            return float(value)
         if isinstance(current, int):
             if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise ValueError(value)  # a float (or true) where a whole number is meant
@@ -303,12 +305,6 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
             pairs = (p.split("=", 1) for p in value.split(",") if p.strip())
             return {k.strip(): v.strip() for k, v in pairs}
         if isinstance(current, (list, dict)) and not isinstance(value, type(current)):
-            raise ValueError(value)
-        if isinstance(current, list) and not all(isinstance(v, str) for v in value):
-            raise ValueError(value)
-        if isinstance(current, dict) and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
             raise ValueError(value)
         if isinstance(current, str) and isinstance(value, (list, dict)):
             raise ValueError(value)
@@ -405,6 +401,12 @@ def check_keys(obj: Any, where: str = "", with_rules: bool = True) -> None:
         want = _KINDS.get(kind)
         if want is not None and (not isinstance(value, want) or (kind != "bool" and isinstance(value, bool))):
             raise ConfigError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}")
+        if f.type == "list[str]" and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, not {value!r}")
+        if f.type == "dict[str, str]" and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{name} must map strings to strings, not {value!r}")
         rule = RULES.get(type(obj), {}).get(f.name) if with_rules else None
         if rule is not None:
             rule.check(name, value)

@@ -116,8 +116,8 @@ def test_out_of_range_values_are_refused_naming_key_and_value(overrides, message
     ("batch:\n  max_batch_size: true\n", "bad value for batch.max_batch_size: True"),  # bool for int
     ("storage:\n  verify: 5\n", "bad value for storage.verify: 5"),  # number for a bool
     ("storage:\n  dsn: [a, b]\n", "bad value for storage.dsn: ['a', 'b']"),  # list for a string
-    ("metrics:\n  labels: [team, 3]\n", "bad value for metrics.labels: ['team', 3]"),
-    ("tokenizer:\n  models: {llama: 3}\n", "bad value for tokenizer.models: {'llama': 3}"),
+    ("metrics:\n  labels: [team, 3]\n", "metrics.labels must be a list of strings, not ['team', 3]"),
+    ("tokenizer:\n  models: {llama: 3}\n", "tokenizer.models must map strings to strings, not {'llama': 3}"),
 ])
 def test_values_of_the_wrong_type_are_refused_naming_key_and_value(tmp_path, text, message):
     cfg = tmp_path / "c.yaml"
@@ -135,6 +135,24 @@ def test_settings_built_in_code_are_type_checked_too():
     s.batch.max_queue_size = "100"  # type: ignore[assignment]
     with pytest.raises(ConfigError, match=r"^batch\.max_queue_size must be a whole number, not '100'$"):
         validate(s)
+
+
+def test_a_float_key_takes_whole_numbers_and_strings():
+    """Sections other engineers add may hold prices: `x: float = 0` takes 2, 0.5 and "0.5"."""
+    from dataclasses import dataclass
+
+    from extproc.config import _apply
+
+    @dataclass
+    class Prices:
+        per_token: float = 0
+
+    for given in (2, 0.5, "0.5"):
+        p = Prices()
+        _apply(p, {"per_token": given}, "pricing.")
+        assert p.per_token == float(given) and isinstance(p.per_token, float)
+    with pytest.raises(ConfigError, match=r"^bad value for pricing\.per_token: True$"):
+        _apply(Prices(), {"per_token": True}, "pricing.")
 
 
 def test_the_defaults_and_the_lower_case_log_level_pass():

@@ -40,7 +40,7 @@ def missing() -> list[str]:
     """The ATTRIBUTES this SDK lacks, each as 'Owner.attribute (what for)'; [] when all are
     there. Checked on real objects: a provider with a reader, a default aggregation."""
     reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     try:
         owners: dict[str, Any] = {
             "MeterProvider": provider,

@@ -58,10 +58,9 @@ from extproc.storage.spool_records import (
     create_mapped,
     encode_record,
     first_seq_of,
-    holds_records,
     iter_segment,
     parse_records,
-    recover_segment,
+    recover_segments,
     segment_path,
 )
 
@@ -178,29 +177,12 @@ class Spool:
         rec = Recovered()
         acked, batches = read_manifest(self.dir)
         rec.acked = acked
-        max_seq = max([acked, *(end for _, end in batches)])
-        paths = sorted(self.dir.glob("*.seg"))
-        # the last segment written is the last one holding records (spares come after it)
-        written = [p for p in paths if holds_records(p)]
-        last = written[-1] if written else None
-        for path in paths:
-            found = recover_segment(path, path == last, acked, self._dead.quarantine)
-            if path.name.endswith(_SPARE_SUFFIX) and path not in written and not found.corrupt_bytes:
-                continue  # a spare never used: nothing was torn
-            rec.truncated_bytes += found.truncated_bytes
-            rec.corrupt_bytes += found.corrupt_bytes
-            seg = found.segment
-            if seg is None:
-                continue
-            rec.events += found.unacked
-            if seg.end_seq <= acked:
-                path.unlink()  # acknowledged before the crash, deletion did not happen
-                continue
-            seg.sealed = True
-            self._segments.append(seg)
-            self.bytes_on_disk += seg.size
-            max_seq = max(max_seq, seg.end_seq)
-        self._segments.sort(key=lambda s: s.first_seq)
+        found = recover_segments(self.dir, acked, _SPARE_SUFFIX, self._dead.quarantine)
+        rec.events, rec.truncated_bytes = found.unacked, found.truncated_bytes
+        rec.corrupt_bytes = found.corrupt_bytes
+        self._segments = found.segments
+        self.bytes_on_disk += sum(seg.size for seg in found.segments)
+        max_seq = max([acked, found.end_seq, *(end for _, end in batches)])
         rec.next_seq = max_seq
         rec.batches = sorted(b for b in set(batches) if b[1] > acked)
         self._next_seq = self._written_seq = self._synced_seq = max_seq

@@ -197,3 +197,42 @@ def recover_segment(path: Path, last: bool, acked: int, quarantine: Quarantine) 
     unacked = sum(1 for seq, _ in records if seq >= acked)
     segment = Segment(records[0][0], path, good, records[-1][0] + 1)
     return RecoveredSegment(segment, truncated, corrupt, unacked)
+
+
+@dataclass
+class RecoveredSegments:
+    segments: list[Segment]  # sealed, in seq order, each holding an unacknowledged record
+    end_seq: int = 0  # one past the last record found
+    unacked: int = 0
+    truncated_bytes: int = 0
+    corrupt_bytes: int = 0
+
+
+def recover_segments(directory: Path, acked: int, spare_suffix: str,
+                     quarantine: Quarantine) -> RecoveredSegments:
+    """Every segment file of a spool directory, recovered; files left with nothing
+    unacknowledged are deleted. A spare (named with spare_suffix) that never held a record
+    counts as nothing torn."""
+    out = RecoveredSegments([])
+    paths = sorted(directory.glob("*.seg"))
+    # the last segment written is the last one holding records (a spare may come after it)
+    written = [p for p in paths if holds_records(p)]
+    last = written[-1] if written else None
+    for path in paths:
+        found = recover_segment(path, path == last, acked, quarantine)
+        if path.name.endswith(spare_suffix) and path not in written and not found.corrupt_bytes:
+            continue
+        out.truncated_bytes += found.truncated_bytes
+        out.corrupt_bytes += found.corrupt_bytes
+        seg = found.segment
+        if seg is None:
+            continue
+        out.unacked += found.unacked
+        if seg.end_seq <= acked:
+            path.unlink()  # acknowledged before the crash, deletion did not happen
+            continue
+        seg.sealed = True
+        out.segments.append(seg)
+        out.end_seq = max(out.end_seq, seg.end_seq)
+    out.segments.sort(key=lambda s: s.first_seq)
+    return out

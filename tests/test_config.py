@@ -3,9 +3,12 @@ every bad value is refused at start with a message naming the key."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields, is_dataclass
+
 import pytest
 
-from extproc.config import ConfigError, load_settings
+from extproc.config import RULES, ConfigError, Settings, at_least, load_settings, rules, validate
 
 
 def test_environment_variables_are_typed_like_the_keys_they_set(tmp_path):
@@ -82,3 +85,95 @@ def test_inconsistent_settings_are_refused(overrides, message):
 def test_defaults_are_valid_and_serve_h2():
     s = load_settings(environ={})
     assert (s.grpc.transport, s.grpc.workers, s.grpc.event_loop, s.grpc.busy_poll_us) == ("h2", 1, "asyncio", 0)
+
+
+# ---- range and type checks: each refusal names the key and the value ------------------------
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # a zero or negative interval / timeout / size
+    ({"batch": {"flush_interval_ms": 0}}, "batch.flush_interval_ms must be at least 1, not 0"),
+    ({"spool": {"write_interval_ms": -5}}, "spool.write_interval_ms must be at least 1, not -5"),
+    ({"storage": {"connect_timeout_ms": 0}}, "storage.connect_timeout_ms must be at least 1, not 0"),
+    ({"storage": {"ttl_days": -1}}, "storage.ttl_days must be at least 0, not -1"),
+    ({"metrics": {"max_series": 0}}, "metrics.max_series must be at least 1, not 0"),
+    ({"spool": {"segment_bytes": 100}}, "spool.segment_bytes must be between 4096 and 1099511627776, not 100"),
+    ({"admin": {"port": 70_000}}, "admin.port must be between 0 and 65535, not 70000"),
+    ({"grpc": {"workers": 1000}}, "grpc.workers must be between 1 and 256, not 1000"),
+    # an unknown enum value
+    ({"log_level": "LOUD"}, "log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not 'LOUD'"),
+    ({"storage": {"insert_format": "csv"}}, "storage.insert_format must be protobuf or arrow, not 'csv'"),
+    # an empty string where something is needed
+    ({"spool": {"dir": ""}}, "spool.dir must not be empty"),
+    ({"provider_name": ""}, "provider_name must not be empty"),
+])
+def test_out_of_range_values_are_refused_naming_key_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_settings(None, overrides, environ={})
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("batch:\n  flush_interval_ms: 2.5\n", "bad value for batch.flush_interval_ms: 2.5"),  # float for int
+    ("batch:\n  max_batch_size: true\n", "bad value for batch.max_batch_size: True"),  # bool for int
+    ("storage:\n  verify: 5\n", "bad value for storage.verify: 5"),  # number for a bool
+    ("storage:\n  dsn: [a, b]\n", "bad value for storage.dsn: ['a', 'b']"),  # list for a string
+    ("metrics:\n  labels: [team, 3]\n", "metrics.labels must be a list of strings, not ['team', 3]"),
+    ("tokenizer:\n  models: {llama: 3}\n", "tokenizer.models must map strings to strings, not {'llama': 3}"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_key_and_value(tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_settings(cfg, environ={})
+
+
+def test_settings_built_in_code_are_type_checked_too():
+    s = Settings()
+    s.spool.segment_bytes = 1.5e6  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"^spool\.segment_bytes must be a whole number, not 1500000\.0$"):
+        validate(s)
+    s = Settings()
+    s.batch.max_queue_size = "100"  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"^batch\.max_queue_size must be a whole number, not '100'$"):
+        validate(s)
+
+
+def test_a_float_key_takes_whole_numbers_and_strings():
+    """Sections other engineers add may hold prices: `x: float = 0` takes 2, 0.5 and "0.5"."""
+    from dataclasses import dataclass
+
+    from extproc.config import _apply
+
+    @dataclass
+    class Prices:
+        per_token: float = 0
+
+    for given in (2, 0.5, "0.5"):
+        p = Prices()
+        _apply(p, {"per_token": given}, "pricing.")
+        assert p.per_token == float(given) and isinstance(p.per_token, float)
+    with pytest.raises(ConfigError, match=r"^bad value for pricing\.per_token: True$"):
+        _apply(Prices(), {"per_token": True}, "pricing.")
+
+
+def test_the_defaults_and_the_lower_case_log_level_pass():
+    validate(Settings())
+    assert load_settings(None, {"log_level": "debug"}, environ={}).log_level == "debug"
+
+
+def test_every_numeric_key_has_a_range():
+    """A new int key without a rule fails here: add it to the rules(...) call beside its
+    dataclass (at_least(0) if anything goes)."""
+    def walk(obj, where=""):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                yield from walk(value, f"{where}{f.name}.")
+            elif str(f.type) in ("int", "float"):
+                yield f"{where}{f.name}", RULES.get(type(obj), {}).get(f.name)
+    missing = [name for name, rule in walk(Settings()) if rule is None or (rule.min is None and rule.max is None)]
+    assert missing == []
+
+
+def test_a_rule_for_a_key_that_does_not_exist_is_refused_at_import():
+    with pytest.raises(TypeError, match="no such key"):
+        rules(Settings, nope=at_least(1))

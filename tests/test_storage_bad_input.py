@@ -78,10 +78,10 @@ async def test_invalid_utf8_and_unstorable_rows_do_not_sink_the_batch(tmp_path: 
     async with chdb_storage(settings) as st:
         sink = st.sink()
         await sink.start()
-        with sink._lock:  # a record arriving through another path, bytes not valid UTF-8
+        with sink._source.lock:  # a record arriving through another path, bytes not valid UTF-8
             raw = events[20].SerializeToString().replace(b"team-2", b"team\xff2")
             seq = sink._spool.append(raw)
-            sink._mem.append((seq, raw))
+            assert sink._source.offer(seq, raw, on_disk=True)
         for n, e in enumerate(events):
             if n != 20:
                 sink.emit(e)

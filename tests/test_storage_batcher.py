@@ -346,3 +346,67 @@ async def test_disk_full_at_shutdown_with_clickhouse_down_says_what_is_lost(tmp_
     await again.start()
     await again.shutdown()
     assert_exactly_once(w, [e.event_id for e in kept])
+
+
+class _OwnedLock:
+    """A lock that knows which thread holds it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def __enter__(self) -> _OwnedLock:
+        import threading
+
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner = None
+        self._lock.release()
+
+    def held_here(self) -> bool:
+        import threading
+
+        return self.owner == threading.get_ident()
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch"])
+async def test_no_file_syscall_under_a_lock_emit_takes(tmp_path: Path, monkeypatch, fsync: str) -> None:
+    """emit() takes the batcher's queue lock and the spool's lock: no thread may create, write,
+    read, truncate or sync a file while holding either (else emit() waits on the disk), through
+    segment rotations and memory-queue overflows and the switches back."""
+    import threading
+
+    w = FakeWriter()
+    bp = batcher(tmp_path, w, fsync=fsync, max_queue_size=100, max_batch_size=40, flush_interval_ms=10)
+    queue_lock, spool_lock = _OwnedLock(), _OwnedLock()
+    bp._source.lock = bp._lock = queue_lock  # type: ignore[assignment]
+    bp._spool._lock = spool_lock  # type: ignore[assignment]
+    bad: list[str] = []
+    for name in ("open", "write", "pread", "ftruncate", "fdatasync", "fsync", "posix_fallocate"):
+        real = getattr(os, name)
+
+        def checked(*args, _real=real, _name=name):
+            if queue_lock.held_here() or spool_lock.held_here():
+                bad.append(f"os.{_name} in {threading.current_thread().name}")
+            return _real(*args)
+
+        monkeypatch.setattr(os, name, checked)
+    await bp.start()
+    events = [make_event(i) for i in range(3000)]
+    for n, e in enumerate(events):
+        bp.emit(e)
+        if bp._spool._spare_wanted:  # the rotation after it must find its spare ready
+            assert await asyncio.to_thread(wait_until, lambda: bp._spool._spare is not None, 5)
+        if n % 200 == 199:
+            await asyncio.to_thread(wait_until, lambda: bp.queue_depth == 0, 5)  # switch back
+    await bp.shutdown()
+    assert_exactly_once(w, [e.event_id for e in events])
+    assert bp.events_spooled > 0 and bp._spool.segments_created_inline == 0
+    assert bad == []
+    left = await asyncio.to_thread(lambda: list(tmp_path.glob("spool/*.seg")))
+    assert left == []  # all stored: nothing left, no spare either

@@ -265,3 +265,121 @@ def test_fsync_always_maps_preallocated_segments_and_recovers_them_untrimmed(tmp
     assert rec.events == 100 and rec.corrupt_bytes == 0 and rec.truncated_bytes > 0
     assert [p for _, p in read_all(crashed, 0)] == [payload(i) for i in range(100)]
     crashed.close()
+
+
+def test_a_spool_written_by_the_format_as_documented_is_replayed(tmp_path: Path) -> None:
+    """The on-disk format, built here byte by byte (not with the spool's own encoder): a spool
+    left by an older release is replayed by this one."""
+    import struct
+    import zlib
+
+    def record(seq: int, data: bytes) -> bytes:
+        crc = zlib.crc32(data, zlib.crc32(struct.pack("<QI", seq, len(data))))
+        return struct.pack("<QII", seq, len(data), crc) + data
+
+    def mark(kind: bytes, first: int, end: int) -> bytes:
+        body = struct.pack("<cQQ", kind, first, end)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    (tmp_path / f"{0:020d}.seg").write_bytes(b"EXSPOOL1" + b"".join(record(i, payload(i)) for i in range(10)))
+    (tmp_path / f"{10:020d}.seg").write_bytes(b"EXSPOOL1" + b"".join(record(i, payload(i)) for i in range(10, 15)))
+    (tmp_path / "manifest.log").write_bytes(mark(b"A", 0, 4) + mark(b"B", 4, 8))
+    s = Spool(tmp_path, fsync="always")
+    rec = s.open()
+    assert (rec.acked, rec.batches, rec.next_seq, rec.events) == (4, [(4, 8)], 15, 11)
+    assert read_all(s, 4) == [(i, payload(i)) for i in range(4, 15)]
+    assert s.append(b"next") == 15
+    s.close()
+
+
+def fill_with_spares(s: Spool, n: int) -> None:
+    """Append n records, letting the sync thread prepare each spare before the rotation."""
+    from tests.storage_helpers import wait_until
+
+    for i in range(n):
+        s.append(payload(i))
+        if s._spare_wanted:
+            assert wait_until(lambda: s._spare is not None, 5)
+
+
+def test_fsync_always_rotates_into_segments_prepared_off_the_append_path(tmp_path: Path) -> None:
+    s = Spool(tmp_path, fsync="always", segment_bytes=16 * 1024)
+    s.open()
+    fill_with_spares(s, 2000)  # ~110 KiB: 7 rotations
+    assert s.segments_created_inline == 0  # every rotation swapped in a preallocated spare
+    assert [p for _, p in read_all(s, 0)] == [payload(i) for i in range(2000)]
+    s.close()
+    assert all(list(iter_segment(p)) for p in tmp_path.glob("*.seg"))  # no unused spare left
+    assert [seq for seq, _ in read_all_reopened(tmp_path)] == list(range(2000))
+
+
+def test_crash_with_an_unused_spare_recovers_the_last_segment_as_torn(tmp_path: Path) -> None:
+    """A SIGKILL leaves the preallocated spare (magic, zeros) after the active segment: it is
+    removed, counts as nothing torn, and the active segment's half-written record is cut off as
+    a torn tail (not quarantined as corruption: the spare is not the last segment written)."""
+    import shutil
+
+    live = tmp_path / "live"
+    s = Spool(live, fsync="always", segment_bytes=16 * 1024)
+    s.open()
+    fill_with_spares(s, 250)  # past half of the first segment: a spare is ready
+    assert s._spare is not None
+    shutil.copytree(live, tmp_path / "crashed")
+    s.close()
+    crashed = tmp_path / "crashed"
+    (active,) = [p for p in crashed.glob("*.seg") if list(iter_segment(p))]
+    data = bytearray(active.read_bytes())
+    end = len(data.rstrip(b"\0"))
+    data[end - 10:end] = b"\x01" * 10  # the last record, torn mid-copy
+    active.write_bytes(bytes(data))
+    s2 = Spool(crashed, fsync="always", segment_bytes=16 * 1024)
+    rec = s2.open()
+    assert rec.corrupt_bytes == 0 and not list((crashed / "deadletter").iterdir())
+    assert rec.events == 249 and [seq for seq, _ in read_all(s2, 0)] == list(range(249))
+    assert rec.truncated_bytes < 16 * 1024  # the active one's tail; the spare counts nothing
+    s2.close()
+
+
+def test_full_disk_when_preallocating_the_spare_fails_the_rotation_not_the_spool(tmp_path: Path,
+                                                                                 monkeypatch, caplog) -> None:
+    """No room for the next segment: the preallocation thread says so (logged once), the
+    rotation then tries in append() and fails there (OSError: the batcher counts it, the seq is
+    a gap); with room again the next append rotates and spares are prepared again."""
+    import errno
+
+    from tests.storage_helpers import wait_until
+
+    full = {"on": False}
+    real = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    s = Spool(tmp_path, fsync="always", segment_bytes=4096)
+    s.open()
+    full["on"] = True
+    seq = 0
+    while not s._spare_failed:  # an eighth of the first segment: the spare is asked for
+        assert s.append(payload(seq)) == seq
+        seq += 1
+        if s._spare_wanted:
+            assert wait_until(lambda: not s._spare_wanted, 5)
+    assert "could not preallocate the next segment" in caplog.text
+    with pytest.raises(OSError):
+        while True:  # until the segment is full and the rotation has to create one here
+            s.append(payload(seq))
+            seq += 1
+    lost = seq
+    assert s.unwritten(0) == 1 and s.segments_created_inline == 1
+    full["on"] = False
+    for i in range(seq + 1, seq + 200):
+        s.append(payload(i))
+        if s._spare_wanted:
+            assert wait_until(lambda: s._spare is not None, 5)
+    assert s._spare is not None and not s._spare_failed  # asked for again, and ready
+    got = [q for q, _ in read_all(s, 0)]
+    assert lost not in got and got == [q for q in range(seq + 200) if q != lost]
+    s.close()

@@ -10,6 +10,7 @@ own so only the bad ones are set aside.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import descriptor_pb2, message_factory
 from google.protobuf.message import DecodeError
@@ -18,7 +19,7 @@ from extproc._pb import usage_event_pb2
 from extproc.events import UsageEvent
 
 
-def _batch_class() -> type:
+def _batch_class() -> type[Any]:  # a message class built at run time: no static fields
     pool = usage_event_pb2.DESCRIPTOR.pool
     name = "extproc.usage.v1.UsageEventBatch"
     try:

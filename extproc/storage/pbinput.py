@@ -47,6 +47,8 @@ def schema_text() -> str:
             typ = f"map<{_SCALAR[key.type]}, {_SCALAR[value.type]}>"
         elif f.type == FieldDescriptor.TYPE_ENUM:
             e = f.enum_type
+            if e is None:
+                raise TypeError(f"enum field {f.name} without an enum descriptor")
             if e is not TokenSource.DESCRIPTOR:
                 raise TypeError(f"no stored names for enum {e.full_name}")
             # values named as the arrow path stores them ("tokenizer", not "TOKENIZER"):

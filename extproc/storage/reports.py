@@ -253,7 +253,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> bytes:
 
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows), sink)
-        return sink.getvalue().to_pybytes()
+        data: bytes = sink.getvalue().to_pybytes()
+        return data
     raise ReportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
 
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 from google.protobuf.message import DecodeError
@@ -85,16 +85,25 @@ def batch_token(payloads: Sequence[bytes]) -> str:
     return "extproc-" + h.hexdigest()
 
 
+@runtime_checkable
 class BatchWriter(Protocol):
     """What the batcher needs: write(payloads, token) stores a batch of serialized UsageEvents
     (spool records) or raises DataError (not retryable: the batcher isolates the bad records)
-    or anything else (retried).
-
-    A writer may also offer prepare(payloads) -> P (CPU work, may raise DataError) and
-    start(P, token) -> wait (starts the insert; wait() blocks until it is done and raises like
-    write): the batcher then builds the next batch while the current one is being inserted."""
+    or anything else (retried)."""
 
     def write(self, payloads: Sequence[bytes], token: str) -> None: ...
+
+
+@runtime_checkable
+class PipelinedWriter(BatchWriter, Protocol):
+    """A writer that also splits write() in two: prepare(payloads) -> P (CPU work, may raise
+    DataError) and start(P, token) -> wait (starts the insert; wait() blocks until it is done
+    and raises like write). The batcher then builds the next batch while the current one is
+    being inserted."""
+
+    def prepare(self, payloads: Sequence[bytes]) -> Any: ...
+
+    def start(self, prepared: Any, token: str) -> Callable[[], None]: ...
 
 
 class ClientRunner(Protocol):

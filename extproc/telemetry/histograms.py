@@ -21,7 +21,8 @@ What the readers receive is what SDK histograms would have given them:
 
 Export hook: `HistogramStore.attach(reader)` wraps the reader's `_receive_metrics` (the method
 every MetricReader implements: InMemory, Prometheus, PeriodicExporting/OTLP), so our points are
-added right after the SDK has collected for that reader.
+added right after the SDK has collected for that reader. That and every other SDK internal used
+here go through sdk_internals.py; an SDK without them gets SDK histograms instead.
 
 When a configuration asks for something this does not reproduce (a View, a non-default
 histogram aggregation such as OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=
@@ -46,7 +47,6 @@ from typing import Any
 
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter
-from opentelemetry.sdk.metrics import Histogram as _SdkHistogramClass
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -57,10 +57,15 @@ from opentelemetry.sdk.metrics.export import (
     ResourceMetrics,
     ScopeMetrics,
 )
-from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
+from opentelemetry.sdk.metrics.view import DefaultAggregation
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from extproc.telemetry import sdk_internals as sdk
 from extproc.telemetry.counters import DEFAULT_MAX_SERIES, OVERFLOW_KEY, AttrKey
+from extproc.telemetry.sdk_internals import provider_readers
+
+__all__ = ["FastHistogram", "HistogramStore", "SdkHistogram", "fast_path_blocker",
+           "provider_readers", "reader_supported"]
 
 log = logging.getLogger(__name__)
 
@@ -235,43 +240,33 @@ class _ReaderState:
         self.own = own or self.delta  # a _ReaderTable per histogram, not the shared totals
 
 
-def _for_histograms(table: Any) -> Any:
-    """A reader's per-instrument-class setting for histograms (None when it has none)."""
-    for cls, value in (table or {}).items():
-        if isinstance(cls, type) and issubclass(cls, _SdkHistogramClass):
-            return value
-    return None
-
-
-def provider_readers(provider: Any) -> list[MetricReader] | None:
-    """The readers an SDK MeterProvider was built with (None for other providers)."""
-    readers = getattr(provider, "_metric_readers", None)
-    return None if readers is None else list(readers)
-
-
 def reader_supported(reader: MetricReader) -> bool:
     """Whether the reader wants the explicit-bucket aggregation with the advisory buckets."""
-    aggregation = _for_histograms(getattr(reader, "_instrument_class_aggregation", None))
+    aggregation = sdk.histogram_aggregation(reader)
     if aggregation is None or type(aggregation) is DefaultAggregation:
         return True
-    return (  # what the OTLP exporter sets by default
-        type(aggregation) is ExplicitBucketHistogramAggregation
-        and getattr(aggregation, "_boundaries", 0) is None  # i.e. the instrument's advisory
-        and getattr(aggregation, "_record_min_max", False) is True
-    )
+    return sdk.advisory_buckets_with_min_max(aggregation)
+
+
+_SDK_MISSING: list[str] | None = None
 
 
 def fast_path_blocker(provider: Any) -> str | None:
     """Why our own aggregation would not export what SDK histograms would, or None."""
+    global _SDK_MISSING
+    if _SDK_MISSING is None:
+        _SDK_MISSING = sdk.missing()
+    if _SDK_MISSING:
+        return f"this OpenTelemetry SDK lacks {', '.join(_SDK_MISSING)}"
     readers = provider_readers(provider)
-    config = getattr(provider, "_sdk_config", None)
+    config = sdk.provider_config(provider)
     if readers is None or config is None:
         return "not an SDK MeterProvider"
-    if getattr(provider, "_disabled", False):
+    if sdk.provider_disabled(provider):
         return "SDK disabled"
-    if getattr(config, "views", ()):
+    if sdk.configured_views(config):
         return "views configured"
-    if not isinstance(getattr(config, "exemplar_filter", None), AlwaysOffExemplarFilter):
+    if not isinstance(sdk.exemplar_filter(config), AlwaysOffExemplarFilter):
         return "exemplars enabled"
     for reader in readers:
         if not reader_supported(reader):
@@ -308,8 +303,8 @@ class HistogramStore:
         if reader in self._attached:
             return
         self._attached.add(reader)
-        temporality = _for_histograms(getattr(reader, "_instrument_class_temporality", None))
-        limit = _for_histograms(getattr(reader, "_instrument_class_cardinality_limit", None))
+        temporality = sdk.histogram_temporality(reader)
+        limit = sdk.histogram_cardinality_limit(reader)
         limit = limit if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_SERIES
         with self.lock:
             state = _ReaderState(
@@ -325,12 +320,7 @@ class HistogramStore:
                     hist.tables.append(_ReaderTable(state, len(hist.bounds) + 1))
             else:
                 self.max_series = max(self.max_series, limit)
-        receive = reader._receive_metrics  # noqa: SLF001 (the SDK's per-reader hook)
-
-        def receive_with_ours(metrics_data: MetricsData, *args: Any, **kwargs: Any) -> Any:
-            return receive(self._merge(metrics_data, state), *args, **kwargs)
-
-        reader._receive_metrics = receive_with_ours  # type: ignore[method-assign]
+        sdk.hook_collection(reader, lambda data: self._merge(data, state))
 
     def _merge(self, data: MetricsData | None, state: _ReaderState) -> MetricsData | None:
         try:

@@ -225,9 +225,11 @@ class Sidecar:
         return bool(http_json(f"{self.admin_url}/v1/flush", "POST")["flushed"])
 
     def stored_by_team(self) -> dict[str, dict[str, int]]:
-        """Requests and tokens stored in ClickHouse (chDB), per x-team label, via the admin API."""
+        """Requests and tokens stored in ClickHouse (chDB), per x-team label, via the admin API
+        (the report's money columns, exact decimals, are left out)."""
         rows = http_json(f"{self.admin_url}/v1/usage?report=chargeback&by=team&fresh=true")["rows"]
-        return {r["team"]: {k: int(v) for k, v in r.items() if k != "team"} for r in rows}
+        return {r["team"]: {k: int(v) for k, v in r.items() if k != "team" and not k.endswith("_usd")}
+                for r in rows}
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:

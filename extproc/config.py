@@ -153,6 +153,22 @@ class MetricsSettings:
 
 
 @dataclass
+class MeteringSettings:
+    # A POST to a path the sidecar cannot meter (not one of vLLM's inference or known
+    # non-inference routes): pass (forwarded, counted as unmetered) or refuse (Envoy answers
+    # 404 with an OpenAI-style error; the request never reaches the model). Sync and hybrid
+    # modes only: observability mode cannot answer for Envoy.
+    unknown_post: str = "pass"
+    # Path prefixes an Envoy route strips before vLLM (prefix_rewrite), e.g. /tenant-a: the
+    # sidecar sees the path before the rewrite and routes what follows the prefix. vLLM itself
+    # matches exact paths, so no other prefix is metered.
+    path_prefixes: list[str] = field(default_factory=list)
+
+
+UNKNOWN_POST = ("pass", "refuse")
+
+
+@dataclass
 class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -163,6 +179,7 @@ class Settings:
     batch: BatchSettings = field(default_factory=BatchSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    metering: MeteringSettings = field(default_factory=MeteringSettings)
     provider_name: str = "vllm"
     log_level: str = "INFO"
 
@@ -270,6 +287,11 @@ def validate(settings: Settings) -> None:
         raise ConfigError("batch sizes must be positive")
     if not settings.storage.dsn.startswith(("chdb:", "http://", "https://")):
         raise ConfigError("storage.dsn must start with chdb:, http:// or https://")
+    if settings.metering.unknown_post not in UNKNOWN_POST:
+        raise ConfigError(f"metering.unknown_post must be {' or '.join(UNKNOWN_POST)}")
+    for prefix in settings.metering.path_prefixes:
+        if not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix:
+            raise ConfigError(f"metering.path_prefixes: {prefix!r} must start with / and not end with /")
     for header in settings.attribution.headers:
         if header != header.lower():
             raise ConfigError(f"attribution header {header!r} must be lower case")

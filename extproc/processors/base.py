@@ -28,6 +28,9 @@ MAX_JSON_BODY = 64 * 1024 * 1024
 class ProcessorContext:
     tokenizers: TokenizerRegistry
     force_include_usage: bool = True
+    # metering.unknown_post and metering.path_prefixes (see processors/routing.py)
+    unknown_post: str = "pass"
+    path_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ from extproc.sim.protocol import (
     usage_chunk,
     validation_error,
 )
+from extproc.sim.routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -422,12 +423,15 @@ def create_app(cfg: SimConfig) -> web.Application:
     sim = Simulator(cfg)
     app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024 * 1024)
     app[SIM_KEY] = sim
-    app.router.add_post("/v1/chat/completions", sim.chat)
-    app.router.add_post("/v1/completions", sim.completions)
-    app.router.add_post("/v1/embeddings", sim.embeddings)
-    app.router.add_get("/v1/models", sim.models)
-    app.router.add_get("/health", sim.health)
-    app.router.add_get("/metrics", sim.prometheus)
+    routes = Routes()
+    routes.add("POST", "/v1/chat/completions", sim.chat)
+    routes.add("POST", "/v1/completions", sim.completions)
+    routes.add("POST", "/v1/embeddings", sim.embeddings)
+    routes.add("GET", "/v1/models", sim.models)
+    routes.add("GET", "/health", sim.health)
+    routes.add("GET", "/metrics", sim.prometheus)
+    # one catch-all: aiohttp's own router would match the path before decoding %2F
+    app.router.add_route("*", "/{path:.*}", routes.dispatch)
     return app
 
 

@@ -25,10 +25,11 @@ async def rows(storage: Storage, sql: str, **params) -> list[tuple]:
 async def test_migrations_rerun_cleanly_and_ttl_follows_config(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     async with chdb_storage(settings) as st:
-        assert st.migrations_applied == ["0001_usage_events", "0002_usage_hourly", "0003_protobuf_input"]
+        assert st.migrations_applied == ["0001_usage_events", "0002_usage_hourly", "0003_protobuf_input",
+                                         "0004_operation_columns"]
         assert await st.run(lambda c: migrate(c, settings)) == []
         assert await rows(st, "SELECT DISTINCT version FROM schema_migrations ORDER BY version") == [
-            (1,), (2,), (3,)
+            (1,), (2,), (3,), (4,)
         ]
         tables = await rows(st, "SELECT name, engine FROM system.tables WHERE database = 'extproc' ORDER BY name")
         assert tables == [
@@ -204,18 +205,22 @@ async def test_missing_times_fall_back_to_the_other_time_then_now(tmp_path: Path
 
 
 async def test_a_store_from_before_migration_0003_upgrades_in_place(tmp_path: Path, monkeypatch) -> None:
-    from extproc.storage import migrations
+    from extproc.storage import columns, migrations
 
     current = migrations.load_migrations
     monkeypatch.setattr(migrations, "load_migrations", lambda cluster=False: current(cluster)[:3])
+    # the sidecar of that time wrote no columns of later migrations (0004's)
+    new_columns = ("operation", "cache_creation_tokens", "audio_seconds")
+    monkeypatch.setattr(columns, "STRING_FIELDS", tuple(f for f in columns.STRING_FIELDS if f not in new_columns))
+    monkeypatch.setattr(columns, "INT_FIELDS", tuple(f for f in columns.INT_FIELDS if f[0] not in new_columns))
     old = [make_event(i).SerializeToString() for i in range(10)]
     async with chdb_storage(settings_for(tmp_path, storage={"insert_format": "arrow"})) as st:
         assert st.migrations_applied[-1] == "0002_usage_hourly"
         await asyncio.to_thread(st.writer().write, old, batch_token(old))
-    monkeypatch.setattr(migrations, "load_migrations", current)
+    monkeypatch.undo()
     new = [make_event(i).SerializeToString() for i in range(10, 30)]
     async with chdb_storage(settings_for(tmp_path)) as st:
-        assert st.migrations_applied == ["0003_protobuf_input"]
+        assert st.migrations_applied == ["0003_protobuf_input", "0004_operation_columns"]
         await asyncio.to_thread(st.writer().write, new, batch_token(new))
         assert await rows(st, "SELECT count(), uniqExact(event_id), min(start_time) > '2020-01-01' "
                               "FROM usage_events") == [(30, 30, True)]

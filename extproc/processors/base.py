@@ -64,6 +64,8 @@ def _as_int(value: Any) -> int:
 
 class EndpointProcessor:
     endpoint = "unknown"
+    # gen_ai.operation.name (OpenTelemetry GenAI), stored as UsageEvent.operation
+    operation = ""
     streams = True  # endpoint supports stream=true
 
     def __init__(self, ctx: ProcessorContext) -> None:
@@ -314,6 +316,7 @@ class EndpointProcessor:
 
     def fill_event(self, ev: UsageEvent) -> None:
         ev.endpoint = self.endpoint
+        ev.operation = self.operation
         ev.metered = True
         ev.request_model = self.request_model
         ev.response_model = self.response_model

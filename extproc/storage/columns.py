@@ -28,7 +28,7 @@ _LABELS = pa.map_(pa.string(), pa.string())
 # (column, arrow type); order = usage_events column order (MATERIALIZED/DEFAULT ones omitted)
 STRING_FIELDS = (
     "event_id", "request_id", "endpoint", "path", "method", "request_model", "response_model",
-    "finish_reason", "tokenizer", "error", "error_detail",
+    "finish_reason", "tokenizer", "error", "error_detail", "operation",
 )
 INT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("http_status", pa.uint16()),
@@ -41,6 +41,8 @@ INT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("duration_ns", pa.int64()),
     ("choices", pa.uint32()),
     ("response_events", pa.uint32()),
+    ("cache_creation_tokens", pa.uint64()),
+    ("audio_seconds", pa.uint32()),
 )
 BOOL_FIELDS = ("stream", "client_aborted", "metered", "usage_injected")
 

@@ -78,5 +78,64 @@ EMBEDDINGS_JSON = Recorded(
                   "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0}}),
 )
 
+
+
+def _events(*pairs: tuple[str, dict]) -> bytes:
+    """SSE with `event:` lines (Responses and Messages APIs)."""
+    return b"".join(b"event: " + k.encode() + b"\ndata: " + orjson.dumps(o) + b"\n\n" for k, o in pairs)
+
+
+_RESP_USAGE = {"input_tokens": 18, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 3,
+               "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 21}
+_RESP_REQ = {"model": "m", "input": "Say hello", "max_output_tokens": 3}
+
+
+def _response(status: str, usage: dict | None, text: str = "") -> dict:
+    output = [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []
+    return {"id": "resp_1", "object": "response", "created_at": 1, "model": "m", "status": status,
+            "output": output, "usage": usage}
+
+
+RESPONSES_STREAM = Recorded(
+    "responses-stream", "/v1/responses", orjson.dumps({**_RESP_REQ, "stream": True}), 200,
+    _events(("response.created", {"type": "response.created", "sequence_number": 0,
+                                  "response": _response("in_progress", None)}),
+            *(("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": i,
+                                              "item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                              "delta": d}) for i, d in enumerate(("Hel", "lo, wö", "rld"), 1)),
+            ("response.completed", {"type": "response.completed", "sequence_number": 4,
+                                    "response": _response("completed", _RESP_USAGE, "Hello, wörld")})),
+)
+RESPONSES_JSON = Recorded(
+    "responses-json", "/v1/responses", orjson.dumps(_RESP_REQ), 200,
+    orjson.dumps(_response("completed", _RESP_USAGE, "Hello, wörld")),
+)
+_MSG_REQ = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "Say hello"}]}
+MESSAGES_STREAM = Recorded(
+    "messages-stream", "/v1/messages", orjson.dumps({**_MSG_REQ, "stream": True}), 200,
+    _events(("message_start", {"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "m",
+                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 0}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": d}}) for d in ("Hel", "lo, wö", "rld")),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+                               "usage": {"input_tokens": 11, "output_tokens": 3}}),
+            ("message_stop", {"type": "message_stop"})),
+)
+MESSAGES_JSON = Recorded(
+    "messages-json", "/v1/messages", orjson.dumps(_MSG_REQ), 200,
+    orjson.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                  "content": [{"type": "text", "text": "Hello, wörld"}], "stop_reason": "max_tokens",
+                  "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 3}}),
+)
+MESSAGES_ERROR = Recorded(
+    "messages-stream-404", "/v1/messages", orjson.dumps({**_MSG_REQ, "stream": True}), 404,
+    orjson.dumps({"type": "error", "error": {"type": "not_found_error", "message": "The model `m` does not exist."}}),
+)
+
 ALL = (CHAT_STREAM, CHAT_STREAM_CLIENT_USAGE, CHAT_JSON, CHAT_STREAM_ERROR, COMPLETIONS_STREAM,
-       EMBEDDINGS_JSON)
+       EMBEDDINGS_JSON, RESPONSES_STREAM, RESPONSES_JSON, MESSAGES_STREAM, MESSAGES_JSON, MESSAGES_ERROR)

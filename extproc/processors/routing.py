@@ -15,12 +15,16 @@ from extproc.processors.base import EndpointProcessor, ProcessorContext
 from extproc.processors.chat import ChatProcessor
 from extproc.processors.completions import CompletionsProcessor
 from extproc.processors.embeddings import EmbeddingsProcessor
+from extproc.processors.messages import MessagesProcessor
+from extproc.processors.responses import ResponsesProcessor
 
 # Inference routes of vLLM's OpenAI-compatible server, POST only.
 ROUTES: dict[str, type[EndpointProcessor]] = {
     "/v1/chat/completions": ChatProcessor,
     "/v1/completions": CompletionsProcessor,
     "/v1/embeddings": EmbeddingsProcessor,
+    "/v1/responses": ResponsesProcessor,
+    "/v1/messages": MessagesProcessor,
 }
 
 # POST routes of vLLM's that run no inference: forwarded and counted as unmetered, even when

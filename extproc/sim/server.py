@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc.sim import chat_apis
 from extproc.sim import generation as gen
 from extproc.sim.config import SimConfig
 from extproc.sim.metrics import SimMetrics
@@ -304,8 +305,22 @@ class Simulator:
 
     async def _sse(self, request: web.Request, events: AsyncIterator[dict[str, Any]],
                    final: dict[str, Any] | None, steps: AsyncIterator[Any]) -> web.StreamResponse:
-        """Writes `data: {json}` events, the optional usage chunk and [DONE]. Honours
-        x-sim-abort-after; a client that goes away ends generation (vLLM aborts the request)."""
+        """Writes `data: {json}` events, the optional usage chunk and [DONE]."""
+        async def frames() -> AsyncIterator[bytes]:
+            async with aclosing(events) as it:
+                async for event in it:
+                    yield b"data: " + orjson.dumps(event) + b"\n\n"
+            if final is not None:
+                yield b"data: " + orjson.dumps(final) + b"\n\n"
+            yield _DONE
+
+        return await self.stream_frames(request, frames(), steps)
+
+    async def stream_frames(self, request: web.Request, frames: AsyncIterator[bytes],
+                            steps: AsyncIterator[Any]) -> web.StreamResponse:
+        """Writes SSE frames, one write each. Honours x-sim-abort-after (frames written before
+        the connection drops) and x-sim-first-write-bytes; a client that goes away ends
+        generation (vLLM aborts the request)."""
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         limit = _abort_after(request)
         piece = _first_write_bytes(request)
@@ -323,14 +338,11 @@ class Simulator:
                 await resp.write(data)
             sent += 1
 
-        async with aclosing(steps), aclosing(events) as it:
+        async with aclosing(steps), aclosing(frames) as it:
             try:
                 await resp.prepare(request)
-                async for event in it:
-                    await send(b"data: " + orjson.dumps(event) + b"\n\n")
-                if final is not None:
-                    await send(b"data: " + orjson.dumps(final) + b"\n\n")
-                await send(_DONE)
+                async for frame in it:
+                    await send(frame)
             except _Abort:
                 request.protocol.force_close()  # flushes what was written, then closes: no end chunk
             except ConnectionError:
@@ -371,6 +383,16 @@ class Simulator:
         total = sum(map(len, inputs))
         return _json({"id": "embd-" + _base_id(request), "object": "list", "created": int(time.time()),
                       "model": cfg.model, "data": data, "usage": usage(total, 0, details_null=True)})
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await chat_apis.responses(self, request, await _read_body(request))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _read_body(request)
+        except SimError as exc:
+            return chat_apis.anthropic_error(exc)
+        return await chat_apis.messages(self, request, body)
 
     async def models(self, request: web.Request) -> web.Response:
         now = int(time.time())
@@ -427,6 +449,8 @@ def create_app(cfg: SimConfig) -> web.Application:
     routes.add("POST", "/v1/chat/completions", sim.chat)
     routes.add("POST", "/v1/completions", sim.completions)
     routes.add("POST", "/v1/embeddings", sim.embeddings)
+    routes.add("POST", "/v1/responses", sim.responses)
+    routes.add("POST", "/v1/messages", sim.messages)
     routes.add("GET", "/v1/models", sim.models)
     routes.add("GET", "/health", sim.health)
     routes.add("GET", "/metrics", sim.prometheus)

@@ -165,6 +165,8 @@ class Exchange:
             p.error, p.error_detail = exc.kind, exc.detail
             log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)
             return wire.continue_response(wire.REQUEST_BODY)
+        if p.delegate is not None:  # /invocations: the route the body's shape selects meters it
+            self.processor = p.delegate
         if replacement is None:
             return wire.continue_response(wire.REQUEST_BODY)
         return wire.replace_request_body(replacement)

@@ -137,5 +137,39 @@ MESSAGES_ERROR = Recorded(
     orjson.dumps({"type": "error", "error": {"type": "not_found_error", "message": "The model `m` does not exist."}}),
 )
 
+_POOL_USAGE = {"prompt_tokens": 9, "total_tokens": 9, "completion_tokens": 0, "prompt_tokens_details": None}
+RERANK_JSON = Recorded(
+    "rerank", "/v1/rerank", orjson.dumps({"model": "m", "query": "q", "documents": ["dé one", "d two"]}), 200,
+    orjson.dumps({"id": "rerank-1", "model": "m", "usage": {"prompt_tokens": 9, "total_tokens": 9},
+                  "results": [{"index": 1, "document": {"text": "d two"}, "relevance_score": 0.8},
+                              {"index": 0, "document": {"text": "dé one"}, "relevance_score": 0.1}]}),
+)
+SCORE_JSON = Recorded(
+    "score", "/score", orjson.dumps({"model": "m", "text_1": "q", "text_2": ["a", "b"]}), 200,
+    orjson.dumps({"id": "score-1", "object": "list", "created": 1, "model": "m",
+                  "data": [{"index": 0, "object": "score", "score": 0.25}, {"index": 1, "object": "score", "score": 0.5}],
+                  "usage": _POOL_USAGE}),
+)
+CLASSIFY_JSON = Recorded(
+    "classify", "/classify", orjson.dumps({"model": "m", "input": ["good", "bad"]}), 200,
+    orjson.dumps({"id": "classify-1", "object": "list", "created": 1, "model": "m",
+                  "data": [{"index": 0, "label": "positive", "probs": [0.1, 0.9], "num_classes": 2}],
+                  "usage": _POOL_USAGE}),
+)
+POOLING_JSON = Recorded(
+    "pooling", "/pooling", orjson.dumps({"model": "m", "input": "x"}), 200,
+    orjson.dumps({"id": "pool-1", "object": "list", "created": 1, "model": "m",
+                  "data": [{"index": 0, "object": "pooling", "data": [0.5, -0.5]}], "usage": _POOL_USAGE}),
+)
+COHERE_EMBED_JSON = Recorded(
+    "cohere-embed", "/v2/embed", orjson.dumps({"model": "m", "texts": ["a", "b"], "input_type": "search_query"}), 200,
+    orjson.dumps({"id": "embd-1", "embeddings": {"float": [[0.1], [0.2]]}, "texts": ["a", "b"],
+                  "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": 4}}}),
+)
+INVOCATIONS_CHAT_STREAM = Recorded(
+    "invocations-chat-stream", "/invocations", CHAT_STREAM.request, 200, CHAT_STREAM.response,
+)
+
 ALL = (CHAT_STREAM, CHAT_STREAM_CLIENT_USAGE, CHAT_JSON, CHAT_STREAM_ERROR, COMPLETIONS_STREAM,
-       EMBEDDINGS_JSON, RESPONSES_STREAM, RESPONSES_JSON, MESSAGES_STREAM, MESSAGES_JSON, MESSAGES_ERROR)
+       EMBEDDINGS_JSON, RESPONSES_STREAM, RESPONSES_JSON, MESSAGES_STREAM, MESSAGES_JSON, MESSAGES_ERROR,
+       RERANK_JSON, SCORE_JSON, CLASSIFY_JSON, POOLING_JSON, COHERE_EMBED_JSON, INVOCATIONS_CHAT_STREAM)

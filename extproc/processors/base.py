@@ -67,6 +67,8 @@ class EndpointProcessor:
     # gen_ai.operation.name (OpenTelemetry GenAI), stored as UsageEvent.operation
     operation = ""
     streams = True  # endpoint supports stream=true
+    # Set by on_request_body when another processor meters this request (/invocations)
+    delegate: EndpointProcessor | None = None
 
     def __init__(self, ctx: ProcessorContext) -> None:
         self.ctx = ctx

@@ -13,10 +13,15 @@ from urllib.parse import unquote
 
 from extproc.processors.base import EndpointProcessor, ProcessorContext
 from extproc.processors.chat import ChatProcessor
+from extproc.processors.cohere_embed import CohereEmbedProcessor
 from extproc.processors.completions import CompletionsProcessor
 from extproc.processors.embeddings import EmbeddingsProcessor
+from extproc.processors.invocations import InvocationsProcessor
 from extproc.processors.messages import MessagesProcessor
+from extproc.processors.pooling import ClassifyProcessor, PoolingProcessor
+from extproc.processors.rerank import RerankProcessor
 from extproc.processors.responses import ResponsesProcessor
+from extproc.processors.score import ScoreProcessor
 
 # Inference routes of vLLM's OpenAI-compatible server, POST only.
 ROUTES: dict[str, type[EndpointProcessor]] = {
@@ -25,6 +30,15 @@ ROUTES: dict[str, type[EndpointProcessor]] = {
     "/v1/embeddings": EmbeddingsProcessor,
     "/v1/responses": ResponsesProcessor,
     "/v1/messages": MessagesProcessor,
+    "/rerank": RerankProcessor,
+    "/v1/rerank": RerankProcessor,
+    "/v2/rerank": RerankProcessor,
+    "/score": ScoreProcessor,
+    "/v1/score": ScoreProcessor,
+    "/pooling": PoolingProcessor,
+    "/classify": ClassifyProcessor,
+    "/v2/embed": CohereEmbedProcessor,
+    "/invocations": InvocationsProcessor,
 }
 
 # POST routes of vLLM's that run no inference: forwarded and counted as unmetered, even when

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import chat_apis
+from extproc.sim import chat_apis, pooling_apis
 from extproc.sim import generation as gen
 from extproc.sim.config import SimConfig
 from extproc.sim.metrics import SimMetrics
@@ -394,6 +394,12 @@ class Simulator:
             return chat_apis.anthropic_error(exc)
         return await chat_apis.messages(self, request, body)
 
+    def pooling_route(self, handler: Callable[..., Awaitable[web.StreamResponse]]
+                      ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def route(request: web.Request) -> web.StreamResponse:
+            return await handler(self, request, await _read_body(request))
+        return route
+
     async def models(self, request: web.Request) -> web.Response:
         now = int(time.time())
         cards = [{"id": name, "object": "model", "created": now, "owned_by": "vllm", "root": self.cfg.model,
@@ -451,6 +457,14 @@ def create_app(cfg: SimConfig) -> web.Application:
     routes.add("POST", "/v1/embeddings", sim.embeddings)
     routes.add("POST", "/v1/responses", sim.responses)
     routes.add("POST", "/v1/messages", sim.messages)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        routes.add("POST", path, sim.pooling_route(pooling_apis.rerank))
+    for path in ("/score", "/v1/score"):
+        routes.add("POST", path, sim.pooling_route(pooling_apis.score))
+    routes.add("POST", "/classify", sim.pooling_route(pooling_apis.classify))
+    routes.add("POST", "/pooling", sim.pooling_route(pooling_apis.pooling))
+    routes.add("POST", "/v2/embed", sim.pooling_route(pooling_apis.cohere_embed))
+    routes.add("POST", "/invocations", sim.pooling_route(pooling_apis.invocations))
     routes.add("GET", "/v1/models", sim.models)
     routes.add("GET", "/health", sim.health)
     routes.add("GET", "/metrics", sim.prometheus)

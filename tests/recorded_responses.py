@@ -170,6 +170,39 @@ INVOCATIONS_CHAT_STREAM = Recorded(
     "invocations-chat-stream", "/invocations", CHAT_STREAM.request, 200, CHAT_STREAM.response,
 )
 
+_FORM = b"\r\n".join([
+    b"--f0rm", b'Content-Disposition: form-data; name="model"', b"", b"m",
+    b"--f0rm", b'Content-Disposition: form-data; name="file"; filename="a.wav"', b"Content-Type: audio/wav", b"",
+    b"RIFF\x00\x00data\r\n--f0rmless", b"--f0rm--", b""])
+
+
+def _form(**fields: str) -> bytes:
+    head = b"".join(b'--f0rm\r\nContent-Disposition: form-data; name="' + k.encode() + b'"\r\n\r\n' + v.encode()
+                    + b"\r\n" for k, v in fields.items())
+    return head + _FORM
+
+
+def _speech_chunk(content: str | None, finish: str | None = None, usage: dict | None = None) -> dict:
+    choices = [] if content is None else [{"delta": {"content": content}, "finish_reason": finish, "stop_reason": None}]
+    return {"id": "t-1", "object": "transcription.chunk", "created": 1, "model": "m", "choices": choices,
+            **({"usage": usage} if usage else {})}
+
+
+TRANSCRIPTION_JSON = Recorded(
+    "transcription-json", "/v1/audio/transcriptions", _form(), 200,
+    orjson.dumps({"text": "Hello, wörld", "usage": {"type": "duration", "seconds": 3}}),
+)
+TRANSLATION_TEXT = Recorded(
+    "translation-text", "/v1/audio/translations", _form(response_format="text"), 200,
+    "data: this transcript looks like SSE, wörld".encode(),
+)
+TRANSCRIPTION_STREAM = Recorded(
+    "transcription-stream", "/v1/audio/transcriptions", _form(stream="true"), 200,
+    _sse(_speech_chunk("Hel"), _speech_chunk("lo, wörld", "stop"),
+         _speech_chunk(None, usage={"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}), b"[DONE]"),
+)
+
 ALL = (CHAT_STREAM, CHAT_STREAM_CLIENT_USAGE, CHAT_JSON, CHAT_STREAM_ERROR, COMPLETIONS_STREAM,
        EMBEDDINGS_JSON, RESPONSES_STREAM, RESPONSES_JSON, MESSAGES_STREAM, MESSAGES_JSON, MESSAGES_ERROR,
-       RERANK_JSON, SCORE_JSON, CLASSIFY_JSON, POOLING_JSON, COHERE_EMBED_JSON, INVOCATIONS_CHAT_STREAM)
+       RERANK_JSON, SCORE_JSON, CLASSIFY_JSON, POOLING_JSON, COHERE_EMBED_JSON, INVOCATIONS_CHAT_STREAM,
+       TRANSCRIPTION_JSON, TRANSLATION_TEXT, TRANSCRIPTION_STREAM)

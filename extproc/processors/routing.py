@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
+from extproc.processors.audio import TranscriptionProcessor, TranslationProcessor
 from extproc.processors.base import EndpointProcessor, ProcessorContext
 from extproc.processors.chat import ChatProcessor
 from extproc.processors.cohere_embed import CohereEmbedProcessor
@@ -39,6 +40,8 @@ ROUTES: dict[str, type[EndpointProcessor]] = {
     "/classify": ClassifyProcessor,
     "/v2/embed": CohereEmbedProcessor,
     "/invocations": InvocationsProcessor,
+    "/v1/audio/transcriptions": TranscriptionProcessor,
+    "/v1/audio/translations": TranslationProcessor,
 }
 
 # POST routes of vLLM's that run no inference: forwarded and counted as unmetered, even when

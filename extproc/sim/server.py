@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import signal
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import chat_apis, pooling_apis
+from extproc.sim import audio_apis, chat_apis, pooling_apis
 from extproc.sim import generation as gen
 from extproc.sim.config import SimConfig
 from extproc.sim.metrics import SimMetrics
@@ -465,6 +466,8 @@ def create_app(cfg: SimConfig) -> web.Application:
     routes.add("POST", "/pooling", sim.pooling_route(pooling_apis.pooling))
     routes.add("POST", "/v2/embed", sim.pooling_route(pooling_apis.cohere_embed))
     routes.add("POST", "/invocations", sim.pooling_route(pooling_apis.invocations))
+    for task, path in (("transcription", "/v1/audio/transcriptions"), ("translation", "/v1/audio/translations")):
+        routes.add("POST", path, functools.partial(audio_apis.speech_to_text, sim, task=task))
     routes.add("GET", "/v1/models", sim.models)
     routes.add("GET", "/health", sim.health)
     routes.add("GET", "/metrics", sim.prometheus)

@@ -91,3 +91,17 @@ def test_request_as_chat_messages():
     ex, _, _, _ = run("/v1/messages", REQ, 200, [b"{}"])
     assert ex.processor.chat_messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert ex.processor.prompt_text() == "system\nBe brief.\nuser\nHi"
+
+
+def test_chat_messages_render_to_the_simulators_prompt_count():
+    """What the tokenizer fallback will render through the chat template (issue 12 item 6) is
+    what vLLM (here the simulator, with the Llama 3 template) counts as input_tokens."""
+    from extproc.sim import chat_apis
+    from extproc.sim import generation as gen
+
+    for req in (REQ, {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}],
+                      "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                   {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]}):
+        ex, _, _, _ = run("/v1/messages", req, 200, [b"{}"])
+        assert len(gen.chat_prompt_ids(ex.processor.chat_messages())) == \
+            len(gen.chat_prompt_ids(chat_apis.anthropic_messages(req)))

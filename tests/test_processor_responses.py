@@ -95,3 +95,19 @@ def test_input_as_chat_messages():
     assert input_messages({"input": "hello"}) == [{"role": "user", "content": "hello"}]
     ex, _, _, _ = run("/v1/responses", {"model": "m", "input": "hello"}, 200, [orjson.dumps(_resp())])
     assert ex.processor.chat_messages() == [{"role": "user", "content": "hello"}]
+
+
+def test_chat_messages_render_to_the_simulators_prompt_count():
+    """What the tokenizer fallback will render through the chat template (issue 12 item 6) is
+    what vLLM (here the simulator, with the Llama 3 template) counts as input_tokens."""
+    from extproc.sim import chat_apis
+    from extproc.sim import generation as gen
+
+    for req in ({"model": "m", "input": "Hello there"},
+                {"model": "m", "instructions": "Be brief.", "input": [
+                    {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                    {"role": "assistant", "content": [{"type": "output_text", "text": "Hello!"}]},
+                    {"role": "user", "content": "What is a meter?"}]}):
+        ex, _, _, _ = run("/v1/responses", req, 200, [b"{}"])
+        assert len(gen.chat_prompt_ids(ex.processor.chat_messages())) == \
+            len(gen.chat_prompt_ids(chat_apis.responses_messages(req)))

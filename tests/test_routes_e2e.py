@@ -90,3 +90,34 @@ def test_every_alias_is_metered_or_not_served(stack, sim):
     refused = sc.sidecar.stats.refused_requests
     assert (refused > 0) == (unknown_post == "refuse"), refused
     assert not sc.sidecar.service.pending
+
+
+NON_INFERENCE = [
+    ("POST", "/tokenize", {"model": MODEL, "prompt": "hello there"}),
+    ("POST", "/detokenize", {"model": MODEL, "tokens": [128000, 15339]}),
+    ("POST", "/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+    ("GET", "/v1/models", None),
+    ("GET", "/health", None),
+    ("GET", "/metrics", None),
+    ("GET", "/version", None),
+]
+
+
+def test_non_inference_routes_pass_and_are_counted_unmetered(stack, sim):
+    mode, unknown_post, url, rec, sc = stack
+    u = urlparse(url)
+    for method, path, body in NON_INFERENCE:
+        user = "n" + uuid.uuid4().hex[:10]
+        before = _sim_counters(sim)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request(method, path, json.dumps(body).encode() if body is not None else None,
+                     {"content-type": "application/json", "x-user": user})
+        resp = conn.getresponse()
+        status, content = resp.status, resp.read()
+        conn.close()
+        assert status == 200, (path, content[:200])
+        ev = wait_events(rec, user, 1)[0]
+        assert not ev.metered and ev.endpoint == "unknown" and not ev.error and ev.token_source == 3, path
+        if path in ("/tokenize", "/v1/messages/count_tokens"):
+            assert _sim_counters(sim) == before  # counted, nothing generated
+    assert sc.sidecar.stats.refused_requests == 0

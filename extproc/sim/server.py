@@ -413,6 +413,34 @@ class Simulator:
                  for name in self.cfg.served_names]
         return _json({"object": "list", "data": cards})
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _read_body(request)
+        check_model(body, self.cfg)
+        if "messages" in body:
+            ids = gen.chat_prompt_ids(body["messages"], body.get("add_generation_prompt", True) is not False)
+        else:
+            ids = gen.text_prompt_ids(field(body, "prompt", str) or "")
+        return _json({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await _read_body(request)
+        check_model(body, self.cfg)
+        tokens = require(body, "tokens")
+        return _json({"prompt": gen.get_tokenizer().decode(tokens, skip_special_tokens=False)})
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """/v1/messages/count_tokens: the Messages request's prompt, counted, no generation."""
+        try:
+            body = await _read_body(request)
+            check_model(body, self.cfg)
+            ids = gen.chat_prompt_ids(chat_apis.anthropic_messages(body))
+        except SimError as exc:
+            return chat_apis.anthropic_error(exc)
+        return _json({"input_tokens": len(ids), "context_management": {"original_input_tokens": len(ids)}})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": "0.0.0+sim"})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -470,6 +498,10 @@ def create_app(cfg: SimConfig) -> web.Application:
         routes.add("POST", path, functools.partial(audio_apis.speech_to_text, sim, task=task))
     routes.add("GET", "/v1/models", sim.models)
     routes.add("GET", "/health", sim.health)
+    routes.add("GET", "/version", sim.version)
+    routes.add("POST", "/tokenize", sim.tokenize)
+    routes.add("POST", "/detokenize", sim.detokenize)
+    routes.add("POST", "/v1/messages/count_tokens", sim.count_tokens)
     routes.add("GET", "/metrics", sim.prometheus)
     # one catch-all: aiohttp's own router would match the path before decoding %2F
     app.router.add_route("*", "/{path:.*}", routes.dispatch)

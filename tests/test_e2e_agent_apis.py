@@ -103,3 +103,43 @@ def test_client_bytes_are_vllms(stack, sim, path, body):
     assert ev.metered and ev.token_source == (1 if got[0][0] == 200 else 3)
     if got[0][0] != 200:
         assert ev.error == "upstream_error" and "not-served" in ev.error_detail
+
+
+def _raw(url: str, path: str, body: dict, headers: dict[str, str]) -> bytes:
+    req = urllib.request.Request(url + path, data=orjson.dumps(body), method="POST",
+                                 headers={"content-type": "application/json", **headers})
+    out = b""
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            while chunk := r.read(1):
+                out += chunk
+    except Exception:  # noqa: BLE001 - the upstream dropped the connection mid-stream, as asked
+        pass
+    return out
+
+
+def test_small_first_writes_and_aborts(stack, sim):
+    """An upstream that writes the first event a byte at a time is metered as if it had not; a
+    stream the upstream drops mid-way is flagged, with the Messages API's exact input count."""
+    mode, url, rec, sc = stack
+    msgs = {"model": MODEL, "max_tokens": 12, "stream": True, "messages": [{"role": "user", "content": "Hi there"}]}
+    resp = {"model": MODEL, "max_output_tokens": 12, "stream": True, "input": "Hi there"}
+    for path, body in (("/v1/messages", msgs), ("/v1/responses", resp)):
+        user = "w" + uuid.uuid4().hex[:10]
+        before = _sim_counters(sim)
+        out = _raw(url, path, body, {"x-user": user, "x-sim-first-write-bytes": "1"})
+        after = _sim_counters(sim)
+        ev = wait_events(rec, user, 1)[0]
+        assert out.startswith(b"event: ") and not ev.error and not ev.client_aborted, (path, ev.error_detail)
+        assert ev.token_source == 1 and (ev.prompt_tokens, ev.completion_tokens) == (
+            after[0] - before[0], after[1] - before[1]), path
+
+    user = "x" + uuid.uuid4().hex[:10]
+    before = _sim_counters(sim)
+    out = _raw(url, "/v1/messages", msgs, {"x-user": user, "x-sim-abort-after": "4"})
+    after = _sim_counters(sim)
+    ev = wait_events(rec, user, 1)[0]
+    assert b"message_stop" not in out  # (how much of it reaches the client is Envoy's affair)
+    assert ev.client_aborted and ev.token_source == 2
+    assert ev.prompt_tokens == after[0] - before[0]  # message_start's input_tokens, exact
+    assert 0 < ev.completion_tokens <= after[1] - before[1]

@@ -71,6 +71,7 @@ STREAMS_ACTIVE = "extproc.ext_proc.streams.active"
 MESSAGES = "extproc.ext_proc.messages"  # attribute kind
 ERRORS = "extproc.ext_proc.errors"  # attribute kind
 UNMETERED = "extproc.requests.unmetered"
+REFUSED = "extproc.requests.refused"
 EVENTS_EMITTED = "extproc.events.emitted"
 # Output deltas seen while responses stream: a live, approximate tokens/s between events.
 LIVE_OUTPUT_TOKENS = "extproc.tokens.live_output"

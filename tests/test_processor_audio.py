@@ -76,3 +76,12 @@ def test_error_answer():
     _, ev, _, _ = run("/v1/audio/transcriptions", body, 404,
                       [b'{"error": {"message": "The model `nope` does not exist."}}'])
     assert ev.error == "upstream_error" and "nope" in ev.error_detail and ev.audio_seconds == 0
+
+
+def test_verbose_json_duration_is_rounded_up_and_a_bad_one_flagged():
+    body, _ = multipart({"model": "m", "response_format": "verbose_json"}, AUDIO)
+    answer = orjson.dumps({"duration": "2.31", "language": "en", "text": "Hello", "segments": []})
+    _, ev, _, _ = run("/v1/audio/transcriptions", body, 200, [answer])
+    assert ev.audio_seconds == 3 and not ev.error and ev.completion_tokens > 0
+    _, ev, _, _ = run("/v1/audio/transcriptions", body, 200, [orjson.dumps({"duration": "long", "text": "x"})])
+    assert ev.error == "malformed_response" and ev.audio_seconds == 0

@@ -3,7 +3,7 @@ text fields), never parsed as JSON.
 
 What vLLM reports: a `json` answer carries {"text", "usage": {"type": "duration", "seconds"}},
 the audio's length, and no token counts; `text`, `srt` and `vtt` answers are plain text and
-`verbose_json` has no usage. So audio_seconds is stored from vLLM, and the output tokens are
+`verbose_json` has no usage but the `duration`. So audio_seconds is stored from vLLM, and the output tokens are
 counted on the text by the model's tokenizer (token_source tokenizer). A stream (form field
 stream=true) is SSE of chat-like `transcription.chunk` / `translation.chunk` events; its token
 usage (prompt_tokens = the decoder's prompt, completion_tokens) comes in a last chunk only with
@@ -13,6 +13,7 @@ when the client did not ask for it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from extproc.events import TokenSource, UsageEvent
@@ -70,7 +71,13 @@ class TranscriptionProcessor(EndpointProcessor):
         self.usage = None  # a duration, not tokens
         if isinstance(usage, dict) and usage.get("type") == "duration":
             seconds = usage.get("seconds")
-            self.audio_seconds = _as_int(round(seconds) if isinstance(seconds, float) else seconds)
+            self.audio_seconds = _as_int(math.ceil(seconds) if isinstance(seconds, float) else seconds)
+        elif isinstance(obj.get("duration"), (str, int, float)):
+            # verbose_json: the duration itself, rounded up as vLLM rounds usage.seconds
+            try:
+                self.audio_seconds = _as_int(math.ceil(float(obj["duration"])))
+            except (ValueError, OverflowError):
+                self._flag("malformed_response", f"duration is not a number: {str(obj['duration'])[:50]}")
         text = obj.get("text")
         self._record_output(self._choice({}), text, None, 0)
 

@@ -154,7 +154,9 @@ class Sidecar:
         await asyncio.to_thread(tokenizers.warm)
         service = ExtProcService(
             Attribution(s.attribution, self.stats),
-            ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage),
+            ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage,
+                             unknown_post=s.metering.unknown_post,
+                             path_prefixes=tuple(s.metering.path_prefixes)),
             self.sinks,
             self.stats,
         )

@@ -259,6 +259,22 @@ class PricingSettings:
 
 
 @dataclass
+class MeteringSettings:
+    # A POST to a path the sidecar cannot meter (not one of vLLM's inference or known
+    # non-inference routes): pass (forwarded, counted as unmetered) or refuse (Envoy answers
+    # 404 with an OpenAI-style error; the request never reaches the model). Sync and hybrid
+    # modes only: observability mode cannot answer for Envoy.
+    unknown_post: str = "pass"
+    # Path prefixes an Envoy route strips before vLLM (prefix_rewrite), e.g. /tenant-a: the
+    # sidecar sees the path before the rewrite and routes what follows the prefix. vLLM itself
+    # matches exact paths, so no other prefix is metered.
+    path_prefixes: list[str] = field(default_factory=list)
+
+
+UNKNOWN_POST = ("pass", "refuse")
+
+
+@dataclass
 class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -270,6 +286,7 @@ class Settings:
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
+    metering: MeteringSettings = field(default_factory=MeteringSettings)
     provider_name: str = "vllm"
     log_level: str = "INFO"
 
@@ -395,6 +412,11 @@ def validate(settings: Settings) -> None:
                           f"{settings.batch.max_queue_size!r}")
     if not settings.storage.dsn.startswith(("chdb:", "http://", "https://")):
         raise ConfigError(f"storage.dsn must start with chdb:, http:// or https://, not {settings.storage.dsn!r}")
+    if settings.metering.unknown_post not in UNKNOWN_POST:
+        raise ConfigError(f"metering.unknown_post must be {' or '.join(UNKNOWN_POST)}")
+    for prefix in settings.metering.path_prefixes:
+        if not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix:
+            raise ConfigError(f"metering.path_prefixes: {prefix!r} must start with / and not end with /")
     for header in settings.attribution.headers:
         if header != header.lower():
             raise ConfigError(f"attribution header {header!r} must be lower case")

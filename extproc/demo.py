@@ -1,5 +1,6 @@
 """`extproc demo`: the whole stack on one machine, real traffic from several teams, a chargeback
-table at the end. Uses the official `openai` client, exactly as a team's code would."""
+table at the end. Uses the official `openai` client (chat, completions, embeddings and the
+Responses API) and the `anthropic` client (the Messages API), exactly as a team's code would."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ TEAMS = {
     "search": ["ranking", "query-rewrite"],
     "support": ["chatbot"],
     "ads": ["copywriter", "embeddings-index"],
+    # coding agents: the Responses API (openai SDK) and the Messages API (anthropic SDK)
+    "agents": ["responses-agent", "messages-agent"],
 }
 PROMPTS = [
     "Summarise the quarterly GPU usage report in three bullet points.",
@@ -30,10 +33,19 @@ def _traffic(base_url: str, team: str, feature: str, n: int, model: str) -> int:
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key="demo-key",
                     default_headers={"x-team": team, "x-feature": feature, "x-user": f"{team}-bot"})
+    if feature == "messages-agent":
+        return _messages_traffic(base_url, team, feature, n, model)
     sent = 0
     for i in range(n):
         prompt = PROMPTS[(i + len(feature)) % len(PROMPTS)]
-        if feature.startswith("embeddings"):
+        if feature == "responses-agent":
+            if i % 2:
+                for _ in client.responses.create(model=model, input=prompt, instructions="Be concise.",
+                                                 max_output_tokens=40, stream=True):
+                    pass
+            else:
+                client.responses.create(model=model, input=[{"role": "user", "content": prompt}], max_output_tokens=32)
+        elif feature.startswith("embeddings"):
             client.embeddings.create(model=model, input=[prompt, prompt[::-1]])
         elif i % 3 == 2:
             client.completions.create(model=model, prompt=prompt, max_tokens=24)
@@ -47,6 +59,22 @@ def _traffic(base_url: str, team: str, feature: str, n: int, model: str) -> int:
                                            max_tokens=32, n=2 if i % 4 == 1 else 1)
         sent += 1
     return sent
+
+
+def _messages_traffic(base_url: str, team: str, feature: str, n: int, model: str) -> int:
+    from anthropic import Anthropic
+
+    client = Anthropic(base_url=base_url, api_key="demo-key",
+                       default_headers={"x-team": team, "x-feature": feature, "x-user": f"{team}-bot"})
+    for i in range(n):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        if i % 2:
+            with client.messages.stream(model=model, max_tokens=40, system="Be concise.", messages=messages) as s:
+                for _ in s.text_stream:
+                    pass
+        else:
+            client.messages.create(model=model, max_tokens=32, messages=messages)
+    return n
 
 
 def _report(admin_url: str, report: str = "chargeback", by: str = "team,feature,model") -> list[dict]:
@@ -87,7 +115,7 @@ def run_demo(stack: DevStack, requests_per_team: int = 6) -> int:
         with ThreadPoolExecutor(len(jobs)) as pool:
             sent = sum(pool.map(lambda j: _traffic(stack.url, j[0], j[1], requests_per_team, model), jobs))
         print(f"sent {sent} requests from {len(TEAMS)} teams in {time.monotonic() - t1:.1f}s "
-              "(streaming and not; chat, completions, embeddings)", flush=True)
+              "(streaming and not; chat, completions, embeddings, Responses and Messages APIs)", flush=True)
         rows = _report(stack.admin_url)
         pools = _report(stack.admin_url, "gpu_pools", "pool")
     print("\nChargeback by team / feature / model (everything in the store, earlier runs included):\n")

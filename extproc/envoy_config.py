@@ -19,6 +19,12 @@ The choices that matter, and why:
   upstream is called); the second observes the response in observability mode, off the
   latency path. The gRPC metadata `x-extproc-role` tells the sidecar which stream is which, and
   a header the first filter adds to the request pairs them.
+- paths normalized before any filter: the sidecar meters by the path the upstream routes on, so
+  the two must see the same one. vLLM's ASGI server percent-decodes the path (so
+  /v1/chat%2Fcompletions reaches the chat handler); Envoy decodes it the same way before the
+  sidecar and the upstream see it (UNESCAPE_AND_FORWARD: what vLLM would serve still works,
+  metered), resolves dot segments (normalize_path) and merges slashes, so no spelling of a route
+  reaches the model under a path the sidecar reads as another.
 """
 
 from __future__ import annotations
@@ -161,6 +167,9 @@ def render(opts: EnvoyOptions) -> dict[str, Any]:
         "codec_type": "AUTO",
         "generate_request_id": True,
         "stream_idle_timeout": "300s",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "route_config": {
             "name": "vllm",
             "virtual_hosts": [{

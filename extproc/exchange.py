@@ -14,7 +14,13 @@ import time
 from extproc import wire
 from extproc.events import TokenSource, UsageEvent
 from extproc.labels import Attribution
-from extproc.processors import EndpointProcessor, ProcessorContext, RequestError, processor_for
+from extproc.processors import (
+    EndpointProcessor,
+    ProcessorContext,
+    RequestError,
+    processor_for,
+    refusal,
+)
 from extproc.stats import SidecarStats
 
 log = logging.getLogger(__name__)
@@ -60,7 +66,7 @@ class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
         "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
-        "response_started", "response_code", "_framing_pending",
+        "response_started", "response_code", "_framing_pending", "refused",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
@@ -90,6 +96,8 @@ class Exchange:
         # "response" stream of the same HTTP request, found by correlation_id.
         self.role = ""
         self.correlation_id = ""
+        # Answered by Envoy for us (metering.unknown_post: refuse): no response will follow.
+        self.refused = False
 
     def handle(self, kind: str, msg) -> wire.ProcessingResponse:  # noqa: ANN001 - a oneof member
         if kind == wire.REQUEST_HEADERS:
@@ -116,6 +124,12 @@ class Exchange:
         if self.processor is None:
             ev.endpoint = "unknown"
             self.request_done = True
+            reason = None if self.observe else refusal(ev.method, ev.path, self._ctx)
+            if reason is not None:
+                self.refused = self.response_done = True
+                ev.error, ev.error_detail, ev.http_status = "refused_path", reason[:500], 404
+                self._stats.refused_requests += 1
+                return wire.immediate_error(404, reason, error_type="invalid_request_error", code="unmetered_path")
             if request_only:  # the response stream meters (and counts) this request
                 return wire.skip_bodies_response(response_headers=False)
             self._stats.unmetered_requests += 1
@@ -151,6 +165,8 @@ class Exchange:
             p.error, p.error_detail = exc.kind, exc.detail
             log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)
             return wire.continue_response(wire.REQUEST_BODY)
+        if p.delegate is not None:  # /invocations: the route the body's shape selects meters it
+            self.processor = p.delegate
         if replacement is None:
             return wire.continue_response(wire.REQUEST_BODY)
         return wire.replace_request_body(replacement)

@@ -146,7 +146,7 @@ class StreamSession:
             stats.streams_cancelled += 1
         # A request stream's exchange is finished by its response stream, or by the sweep;
         # unmetered paths are counted by the response stream alone.
-        if self.role != "request":
+        if self.role != "request" or self.exchange.refused:
             self._service._emit(self.exchange.finish())
 
 

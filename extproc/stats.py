@@ -23,6 +23,8 @@ class SidecarStats:
     errors: Counter[str] = field(default_factory=Counter)
     # requests on paths we do not meter (passed through, counted)
     unmetered_requests: int = 0
+    # POSTs to paths we cannot meter that were refused (metering.unknown_post: refuse)
+    refused_requests: int = 0
     # events handed to sinks
     events_emitted: int = 0
     # Output deltas seen while responses stream (~1 token each in vLLM): a live, approximate

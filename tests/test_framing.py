@@ -14,6 +14,7 @@ from extproc.config import AttributionSettings
 from extproc.exchange import Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
+from extproc.processors.multipart import form_fields
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 from tests import ext_proc_msgs as m
@@ -54,8 +55,13 @@ def _whole(rec: Recorded) -> tuple[dict, bytes]:
 def _what_vllm_sends_the_client(rec: Recorded) -> bytes:
     """Without the usage the sidecar asked for: a stream request without include_usage gets no
     usage chunk from vLLM, so it must get none through the sidecar either."""
-    req = orjson.loads(rec.request)
-    asked = isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage")
+    if rec.request.startswith(b"--"):  # an audio route's form: usage is asked for by a field
+        form = form_fields(rec.request)
+        req = {"stream": form.get("stream") == "true"}
+        asked = form.get("stream_include_usage") == "true"
+    else:
+        req = orjson.loads(rec.request)
+        asked = isinstance(req.get("stream_options"), dict) and req["stream_options"].get("include_usage")
     if rec.status >= 400 or not req.get("stream") or asked:
         return rec.response
     events = rec.response.split(b"\n\n")
@@ -70,6 +76,10 @@ def test_a_whole_body_is_metered_and_the_client_gets_what_vllm_would_send(rec):
         assert event["error"] == "upstream_error"
     else:
         assert "error" not in event, event
+        if rec.path.startswith("/v1/audio/") and not event.get("stream"):
+            # vLLM reports the audio's duration (or nothing), never tokens: the text is counted
+            assert event["token_source"] == 2 and event["completion_tokens"] > 0
+            return
         assert event["token_source"] == 1  # UPSTREAM_USAGE
         assert event["prompt_tokens"] > 0
 

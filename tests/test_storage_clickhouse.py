@@ -26,10 +26,10 @@ async def test_migrations_rerun_cleanly_and_ttl_follows_config(tmp_path: Path) -
     settings = settings_for(tmp_path)
     async with chdb_storage(settings) as st:
         assert st.migrations_applied == ["0001_usage_events", "0002_usage_hourly", "0003_protobuf_input",
-                                         "0005_pricing", "0006_gpu_pool_rates"]
+                                         "0004_operation_columns", "0005_pricing", "0006_gpu_pool_rates"]
         assert await st.run(lambda c: migrate(c, settings)) == []
         assert await rows(st, "SELECT DISTINCT version FROM schema_migrations ORDER BY version") == [
-            (1,), (2,), (3,), (5,), (6,)
+            (1,), (2,), (3,), (4,), (5,), (6,)
         ]
         tables = await rows(st, "SELECT name, engine FROM system.tables WHERE database = 'extproc' ORDER BY name")
         assert tables == [
@@ -211,18 +211,19 @@ async def test_a_store_from_before_migration_0003_upgrades_in_place(tmp_path: Pa
 
     current = migrations.load_migrations
     monkeypatch.setattr(migrations, "load_migrations", lambda cluster=False: current(cluster)[:3])
-    # what a sidecar of that time sent: no pricing columns (migration 0005)
-    pricing_columns = ("price_status", "price_ref", "gpu_pool", "list_cost_micros", "gpu_work_milli")
-    monkeypatch.setattr(sink, "to_arrow", lambda *a, **k: to_arrow(*a, **k).drop_columns(list(pricing_columns)))
+    # what a sidecar of that time sent: no columns of later migrations (0004's and 0005's)
+    later = ("operation", "cache_creation_tokens", "audio_seconds",
+             "price_status", "price_ref", "gpu_pool", "list_cost_micros", "gpu_work_milli")
+    monkeypatch.setattr(sink, "to_arrow", lambda *a, **k: to_arrow(*a, **k).drop_columns(list(later)))
     old = [make_event(i).SerializeToString() for i in range(10)]
     async with chdb_storage(settings_for(tmp_path, storage={"insert_format": "arrow"})) as st:
         assert st.migrations_applied[-1] == "0002_usage_hourly"
         await asyncio.to_thread(st.writer().write, old, batch_token(old))
-    monkeypatch.setattr(migrations, "load_migrations", current)
-    monkeypatch.setattr(sink, "to_arrow", to_arrow)
+    monkeypatch.undo()
     new = [make_event(i).SerializeToString() for i in range(10, 30)]
     async with chdb_storage(settings_for(tmp_path)) as st:
-        assert st.migrations_applied[0] == "0003_protobuf_input"
+        assert st.migrations_applied == ["0003_protobuf_input", "0004_operation_columns", "0005_pricing",
+                                         "0006_gpu_pool_rates"]
         await asyncio.to_thread(st.writer().write, new, batch_token(new))
         assert await rows(st, "SELECT count(), uniqExact(event_id), min(start_time) > '2020-01-01' "
                               "FROM usage_events") == [(30, 30, True)]

@@ -27,7 +27,7 @@ def _metrics(stats: SidecarStats | None, storage: object | None = None):
 
 def test_stats_are_exported() -> None:
     stats = SidecarStats(streams_opened=10, streams_closed=8, streams_cancelled=3,
-                         unmetered_requests=4, events_emitted=6)
+                         unmetered_requests=4, refused_requests=7, events_emitted=6)
     stats.messages.update({"request_headers": 10, "response_body": 25})
     stats.errors["response_body"] += 2
     stats.labels_rejected["feature"] += 5
@@ -41,6 +41,7 @@ def test_stats_are_exported() -> None:
     assert snap.value(n.MESSAGES, {"kind": "response_body"}) == 25
     assert snap.value(n.ERRORS, {"kind": "response_body"}) == 2
     assert snap.value(n.UNMETERED) == 4
+    assert snap.value(n.REFUSED) == 7
     assert snap.value(n.EVENTS_EMITTED) == 6
     assert snap.value(n.LABELS_REJECTED, {"label": "feature"}) == 5
 

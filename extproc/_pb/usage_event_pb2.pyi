@@ -19,7 +19,7 @@ TOKENIZER: TokenSource
 NONE: TokenSource
 
 class UsageEvent(_message.Message):
-    __slots__ = ("event_id", "request_id", "start_time_unix_nano", "end_time_unix_nano", "labels", "endpoint", "path", "method", "request_model", "response_model", "stream", "http_status", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "token_source", "tokenizer", "time_to_first_token_ns", "duration_ns", "client_aborted", "metered", "choices", "usage_injected", "error", "error_detail", "response_events", "list_cost_micros", "price_status", "price_ref", "gpu_pool", "gpu_work_milli")
+    __slots__ = ("event_id", "request_id", "start_time_unix_nano", "end_time_unix_nano", "labels", "endpoint", "path", "method", "request_model", "response_model", "stream", "http_status", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "token_source", "tokenizer", "time_to_first_token_ns", "duration_ns", "client_aborted", "metered", "choices", "usage_injected", "error", "error_detail", "response_events", "operation", "cache_creation_tokens", "audio_seconds", "list_cost_micros", "price_status", "price_ref", "gpu_pool", "gpu_work_milli")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,9 @@ class UsageEvent(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_DETAIL_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CREATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LIST_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     PRICE_STATUS_FIELD_NUMBER: _ClassVar[int]
     PRICE_REF_FIELD_NUMBER: _ClassVar[int]
@@ -90,9 +93,12 @@ class UsageEvent(_message.Message):
     error: str
     error_detail: str
     response_events: int
+    operation: str
+    cache_creation_tokens: int
+    audio_seconds: int
     list_cost_micros: int
     price_status: str
     price_ref: str
     gpu_pool: str
     gpu_work_milli: int
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_time_unix_nano: _Optional[int] = ..., end_time_unix_nano: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., endpoint: _Optional[str] = ..., path: _Optional[str] = ..., method: _Optional[str] = ..., request_model: _Optional[str] = ..., response_model: _Optional[str] = ..., stream: _Optional[bool] = ..., http_status: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., token_source: _Optional[_Union[TokenSource, str]] = ..., tokenizer: _Optional[str] = ..., time_to_first_token_ns: _Optional[int] = ..., duration_ns: _Optional[int] = ..., client_aborted: _Optional[bool] = ..., metered: _Optional[bool] = ..., choices: _Optional[int] = ..., usage_injected: _Optional[bool] = ..., error: _Optional[str] = ..., error_detail: _Optional[str] = ..., response_events: _Optional[int] = ..., list_cost_micros: _Optional[int] = ..., price_status: _Optional[str] = ..., price_ref: _Optional[str] = ..., gpu_pool: _Optional[str] = ..., gpu_work_milli: _Optional[int] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_time_unix_nano: _Optional[int] = ..., end_time_unix_nano: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., endpoint: _Optional[str] = ..., path: _Optional[str] = ..., method: _Optional[str] = ..., request_model: _Optional[str] = ..., response_model: _Optional[str] = ..., stream: _Optional[bool] = ..., http_status: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., token_source: _Optional[_Union[TokenSource, str]] = ..., tokenizer: _Optional[str] = ..., time_to_first_token_ns: _Optional[int] = ..., duration_ns: _Optional[int] = ..., client_aborted: _Optional[bool] = ..., metered: _Optional[bool] = ..., choices: _Optional[int] = ..., usage_injected: _Optional[bool] = ..., error: _Optional[str] = ..., error_detail: _Optional[str] = ..., response_events: _Optional[int] = ..., operation: _Optional[str] = ..., cache_creation_tokens: _Optional[int] = ..., audio_seconds: _Optional[int] = ..., list_cost_micros: _Optional[int] = ..., price_status: _Optional[str] = ..., price_ref: _Optional[str] = ..., gpu_pool: _Optional[str] = ..., gpu_work_milli: _Optional[int] = ...) -> None: ...

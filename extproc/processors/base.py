@@ -28,6 +28,9 @@ MAX_JSON_BODY = 64 * 1024 * 1024
 class ProcessorContext:
     tokenizers: TokenizerRegistry
     force_include_usage: bool = True
+    # metering.unknown_post and metering.path_prefixes (see processors/routing.py)
+    unknown_post: str = "pass"
+    path_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -61,7 +64,11 @@ def _as_int(value: Any) -> int:
 
 class EndpointProcessor:
     endpoint = "unknown"
+    # gen_ai.operation.name (OpenTelemetry GenAI), stored as UsageEvent.operation
+    operation = ""
     streams = True  # endpoint supports stream=true
+    # Set by on_request_body when another processor meters this request (/invocations)
+    delegate: EndpointProcessor | None = None
 
     def __init__(self, ctx: ProcessorContext) -> None:
         self.ctx = ctx
@@ -311,6 +318,7 @@ class EndpointProcessor:
 
     def fill_event(self, ev: UsageEvent) -> None:
         ev.endpoint = self.endpoint
+        ev.operation = self.operation
         ev.metered = True
         ev.request_model = self.request_model
         ev.response_model = self.response_model

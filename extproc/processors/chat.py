@@ -26,6 +26,7 @@ def _content_text(content: Any) -> str:
 
 class ChatProcessor(EndpointProcessor):
     endpoint = "chat"
+    operation = "chat"
 
     def _on_stream_choice(self, choice: dict[str, Any], now_ns: int) -> None:
         state = self._choice(choice)

@@ -9,6 +9,7 @@ from extproc.processors.base import EndpointProcessor
 
 class CompletionsProcessor(EndpointProcessor):
     endpoint = "completions"
+    operation = "text_completion"
 
     def _on_stream_choice(self, choice: dict[str, Any], now_ns: int) -> None:
         self._record_output(self._choice(choice), choice.get("text"), None, now_ns)

@@ -10,6 +10,7 @@ from extproc.processors.base import EndpointProcessor
 
 class EmbeddingsProcessor(EndpointProcessor):
     endpoint = "embeddings"
+    operation = "embeddings"
     streams = False
 
     def _on_stream_choice(self, choice: dict[str, Any], now_ns: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc.sim import audio_apis, chat_apis, pooling_apis
 from extproc.sim import generation as gen
 from extproc.sim.config import SimConfig
 from extproc.sim.metrics import SimMetrics
@@ -38,6 +40,7 @@ from extproc.sim.protocol import (
     usage_chunk,
     validation_error,
 )
+from extproc.sim.routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +306,22 @@ class Simulator:
 
     async def _sse(self, request: web.Request, events: AsyncIterator[dict[str, Any]],
                    final: dict[str, Any] | None, steps: AsyncIterator[Any]) -> web.StreamResponse:
-        """Writes `data: {json}` events, the optional usage chunk and [DONE]. Honours
-        x-sim-abort-after; a client that goes away ends generation (vLLM aborts the request)."""
+        """Writes `data: {json}` events, the optional usage chunk and [DONE]."""
+        async def frames() -> AsyncIterator[bytes]:
+            async with aclosing(events) as it:
+                async for event in it:
+                    yield b"data: " + orjson.dumps(event) + b"\n\n"
+            if final is not None:
+                yield b"data: " + orjson.dumps(final) + b"\n\n"
+            yield _DONE
+
+        return await self.stream_frames(request, frames(), steps)
+
+    async def stream_frames(self, request: web.Request, frames: AsyncIterator[bytes],
+                            steps: AsyncIterator[Any]) -> web.StreamResponse:
+        """Writes SSE frames, one write each. Honours x-sim-abort-after (frames written before
+        the connection drops) and x-sim-first-write-bytes; a client that goes away ends
+        generation (vLLM aborts the request)."""
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         limit = _abort_after(request)
         piece = _first_write_bytes(request)
@@ -322,14 +339,11 @@ class Simulator:
                 await resp.write(data)
             sent += 1
 
-        async with aclosing(steps), aclosing(events) as it:
+        async with aclosing(steps), aclosing(frames) as it:
             try:
                 await resp.prepare(request)
-                async for event in it:
-                    await send(b"data: " + orjson.dumps(event) + b"\n\n")
-                if final is not None:
-                    await send(b"data: " + orjson.dumps(final) + b"\n\n")
-                await send(_DONE)
+                async for frame in it:
+                    await send(frame)
             except _Abort:
                 request.protocol.force_close()  # flushes what was written, then closes: no end chunk
             except ConnectionError:
@@ -371,6 +385,22 @@ class Simulator:
         return _json({"id": "embd-" + _base_id(request), "object": "list", "created": int(time.time()),
                       "model": cfg.model, "data": data, "usage": usage(total, 0, details_null=True)})
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await chat_apis.responses(self, request, await _read_body(request))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _read_body(request)
+        except SimError as exc:
+            return chat_apis.anthropic_error(exc)
+        return await chat_apis.messages(self, request, body)
+
+    def pooling_route(self, handler: Callable[..., Awaitable[web.StreamResponse]]
+                      ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def route(request: web.Request) -> web.StreamResponse:
+            return await handler(self, request, await _read_body(request))
+        return route
+
     async def models(self, request: web.Request) -> web.Response:
         now = int(time.time())
         cards = [{"id": name, "object": "model", "created": now, "owned_by": "vllm", "root": self.cfg.model,
@@ -382,6 +412,34 @@ class Simulator:
                                   "is_blocking": False}]}
                  for name in self.cfg.served_names]
         return _json({"object": "list", "data": cards})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _read_body(request)
+        check_model(body, self.cfg)
+        if "messages" in body:
+            ids = gen.chat_prompt_ids(body["messages"], body.get("add_generation_prompt", True) is not False)
+        else:
+            ids = gen.text_prompt_ids(field(body, "prompt", str) or "")
+        return _json({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await _read_body(request)
+        check_model(body, self.cfg)
+        tokens = require(body, "tokens")
+        return _json({"prompt": gen.get_tokenizer().decode(tokens, skip_special_tokens=False)})
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """/v1/messages/count_tokens: the Messages request's prompt, counted, no generation."""
+        try:
+            body = await _read_body(request)
+            check_model(body, self.cfg)
+            ids = gen.chat_prompt_ids(chat_apis.anthropic_messages(body))
+        except SimError as exc:
+            return chat_apis.anthropic_error(exc)
+        return _json({"input_tokens": len(ids), "context_management": {"original_input_tokens": len(ids)}})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": "0.0.0+sim"})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -422,12 +480,31 @@ def create_app(cfg: SimConfig) -> web.Application:
     sim = Simulator(cfg)
     app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024 * 1024)
     app[SIM_KEY] = sim
-    app.router.add_post("/v1/chat/completions", sim.chat)
-    app.router.add_post("/v1/completions", sim.completions)
-    app.router.add_post("/v1/embeddings", sim.embeddings)
-    app.router.add_get("/v1/models", sim.models)
-    app.router.add_get("/health", sim.health)
-    app.router.add_get("/metrics", sim.prometheus)
+    routes = Routes()
+    routes.add("POST", "/v1/chat/completions", sim.chat)
+    routes.add("POST", "/v1/completions", sim.completions)
+    routes.add("POST", "/v1/embeddings", sim.embeddings)
+    routes.add("POST", "/v1/responses", sim.responses)
+    routes.add("POST", "/v1/messages", sim.messages)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        routes.add("POST", path, sim.pooling_route(pooling_apis.rerank))
+    for path in ("/score", "/v1/score"):
+        routes.add("POST", path, sim.pooling_route(pooling_apis.score))
+    routes.add("POST", "/classify", sim.pooling_route(pooling_apis.classify))
+    routes.add("POST", "/pooling", sim.pooling_route(pooling_apis.pooling))
+    routes.add("POST", "/v2/embed", sim.pooling_route(pooling_apis.cohere_embed))
+    routes.add("POST", "/invocations", sim.pooling_route(pooling_apis.invocations))
+    for task, path in (("transcription", "/v1/audio/transcriptions"), ("translation", "/v1/audio/translations")):
+        routes.add("POST", path, functools.partial(audio_apis.speech_to_text, sim, task=task))
+    routes.add("GET", "/v1/models", sim.models)
+    routes.add("GET", "/health", sim.health)
+    routes.add("GET", "/version", sim.version)
+    routes.add("POST", "/tokenize", sim.tokenize)
+    routes.add("POST", "/detokenize", sim.detokenize)
+    routes.add("POST", "/v1/messages/count_tokens", sim.count_tokens)
+    routes.add("GET", "/metrics", sim.prometheus)
+    # one catch-all: aiohttp's own router would match the path before decoding %2F
+    app.router.add_route("*", "/{path:.*}", routes.dispatch)
     return app
 
 

@@ -29,7 +29,7 @@ _LABELS = pa.map_(pa.string(), pa.string())
 STRING_FIELDS = (
     "event_id", "request_id", "endpoint", "path", "method", "request_model", "response_model",
     "finish_reason", "tokenizer", "error", "error_detail",
-    "price_status", "price_ref", "gpu_pool",
+    "price_status", "price_ref", "gpu_pool", "operation",
 )
 INT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("http_status", pa.uint16()),
@@ -44,6 +44,8 @@ INT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("response_events", pa.uint32()),
     ("list_cost_micros", pa.int64()),
     ("gpu_work_milli", pa.uint64()),
+    ("cache_creation_tokens", pa.uint64()),
+    ("audio_seconds", pa.uint32()),
 )
 BOOL_FIELDS = ("stream", "client_aborted", "metered", "usage_injected")
 

@@ -41,7 +41,15 @@ TOKEN_SOURCE = "token.source"
 OTHER = "other"
 
 # endpoint of the UsageEvent -> gen_ai.operation.name
-OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings",
+              # vLLM's other routes (each processor's `operation`; the UsageEvent carries it too).
+              # The Responses and Messages APIs are chat; the GenAI conventions name no operation
+              # for scoring, pooling or speech to text: these custom names are documented in README.
+              "responses": "chat", "messages": "chat", "cohere_embed": "embeddings",
+              "rerank": "rerank", "score": "score", "classify": "classify", "pooling": "pooling",
+              "transcription": "transcription", "translation": "translation"}
+# Operations with input tokens only: no output token usage series.
+INPUT_ONLY_OPERATIONS = frozenset(("embeddings", "rerank", "score", "classify", "pooling"))
 
 # Bucket boundaries advised by the GenAI semantic conventions.
 TOKEN_BUCKETS: tuple[float, ...] = tuple(float(4**i) for i in range(14))  # 1 .. 67108864
@@ -63,6 +71,7 @@ STREAMS_ACTIVE = "extproc.ext_proc.streams.active"
 MESSAGES = "extproc.ext_proc.messages"  # attribute kind
 ERRORS = "extproc.ext_proc.errors"  # attribute kind
 UNMETERED = "extproc.requests.unmetered"
+REFUSED = "extproc.requests.refused"
 EVENTS_EMITTED = "extproc.events.emitted"
 # Output deltas seen while responses stream: a live, approximate tokens/s between events.
 LIVE_OUTPUT_TOKENS = "extproc.tokens.live_output"

@@ -293,7 +293,7 @@ class UsageRecorder:
             )
             if token_source != TokenSource.NONE:
                 slot.usage_key = attributed
-                slot.usage_out = None if operation != "embeddings" else False
+                slot.usage_out = None if operation not in n.INPUT_ONLY_OPERATIONS else False
                 ett = n.EXTPROC_TOKEN_TYPE
                 slot.tokens = tuple(
                     self.tokens.cell((*attributed, (ett, kind)))

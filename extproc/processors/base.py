@@ -13,9 +13,10 @@ from typing import Any
 
 import orjson
 
+from extproc.chat_template import ChatTemplateError
 from extproc.events import TokenSource, UsageEvent
 from extproc.sse import SSEParser
-from extproc.tokenizers import TokenizerRegistry
+from extproc.tokenizers import TokenCounter, TokenizerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,30 @@ class EndpointProcessor:
         """Text to count as the prompt when upstream reports no usage."""
         return ""
 
+    def chat_messages(self) -> list[dict[str, Any]] | None:
+        """The prompt as OpenAI chat messages (what the model's chat template renders), or
+        None when the prompt is not a chat."""
+        return None
+
+    def text_prompts(self) -> list[str] | None:
+        """Plain text prompts, each tokenized on its own with the model's special tokens (a
+        completions request), or None."""
+        return None
+
+    def count_prompt(self, counter: TokenCounter) -> tuple[int, bool]:
+        """Prompt tokens without the upstream's usage, and whether they are counted as the
+        model counts them (its chat template, its tokenizer's special tokens)."""
+        messages = self.chat_messages()
+        if messages is not None and counter.chat is not None:
+            try:
+                return counter.chat(messages), True
+            except ChatTemplateError as exc:
+                log.warning("%s request: chat template failed (%s); prompt estimated", self.endpoint, exc)
+        texts = self.text_prompts() if messages is None else None
+        if texts is not None and counter.prompt is not None:
+            return sum(counter.prompt(t) for t in texts), True
+        return counter.count(self.prompt_text()), False
+
     # -- result ----------------------------------------------------------------------------
 
     def fill_event(self, ev: UsageEvent) -> None:
@@ -352,9 +377,9 @@ class EndpointProcessor:
             counter.count("".join(c.text)) + counter.count("".join(c.reasoning)) for c in self.choices.values()
         )
         ev.reasoning_tokens = counter.count(reasoning_text) if reasoning_text else 0
-        ev.prompt_tokens = counter.count(self.prompt_text())
+        ev.prompt_tokens, exact = self.count_prompt(counter)
         ev.total_tokens = ev.prompt_tokens + ev.completion_tokens
-        ev.token_source = TokenSource.TOKENIZER
+        ev.token_source = TokenSource.TOKENIZER if exact and counter.own else TokenSource.TOKENIZER_ESTIMATE
         ev.tokenizer = counter.name
 
 

@@ -135,7 +135,10 @@ class Sidecar:
         await asyncio.to_thread(tokenizers.warm)
         service = ExtProcService(
             Attribution(s.attribution, self.stats),
-            ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage),
+            ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage,
+                             max_sse_event_bytes=s.metering.max_sse_event_bytes,
+                             max_request_body_bytes=s.metering.max_request_body_bytes,
+                             max_output_text_chars=s.metering.max_output_text_chars),
             self.sinks,
             self.stats,
         )

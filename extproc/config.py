@@ -77,6 +77,15 @@ class TokenizerSettings:
 
 
 @dataclass
+class MeteringSettings:
+    # Memory bounds per request. Past one the request is still metered as well as it can be,
+    # and its event says so in `error` (README: Bounded memory).
+    max_sse_event_bytes: int = 1024 * 1024
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    max_output_text_chars: int = 4 * 1024 * 1024
+
+
+@dataclass
 class StorageSettings:
     # chdb:///path (embedded ClickHouse) or http(s)://user:pass@host:8123/db
     dsn: str = "chdb:///./.extproc/data"
@@ -160,6 +169,7 @@ class Settings:
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    metering: MeteringSettings = field(default_factory=MeteringSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
@@ -269,6 +279,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError("spool.fsync must be always, batch or never")
     if settings.batch.max_batch_size <= 0 or settings.batch.max_queue_size <= 0:
         raise ConfigError("batch sizes must be positive")
+    for key in ("max_sse_event_bytes", "max_request_body_bytes", "max_output_text_chars"):
+        if getattr(settings.metering, key) < 1024:
+            raise ConfigError(f"metering.{key} must be at least 1024")
     if not settings.storage.dsn.startswith(("chdb:", "http://", "https://")):
         raise ConfigError("storage.dsn must start with chdb:, http:// or https://")
     for header in settings.attribution.headers:

@@ -7,6 +7,7 @@ resort, flagged tokenizer_estimate."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -126,3 +127,40 @@ def test_a_broken_template_file_leaves_the_tokenizer_and_logs(tmp_path, caplog):
     (tmp_path / "tokenizer_config.json").write_text("{broken")
     counter = TokenizerRegistry(models={MODEL: str(tmp_path)}).for_model(MODEL)
     assert counter.own and counter.chat is None and "cannot load the chat template" in caplog.text
+
+
+def _post_status(sim: str, path: str, body: dict) -> tuple[int, dict]:
+    try:
+        return 200, _post(sim, path, body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_simulator_tokenize_counts_a_chat_as_its_chat_completions_does(sim, messages):
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})
+    got = _post(sim, "/tokenize", {"model": MODEL, "messages": messages})
+    assert got["count"] == len(got["tokens"]) == want["usage"]["prompt_tokens"]
+    assert got["max_model_len"] > 0 and got["token_strs"] is None
+
+
+@pytest.mark.parametrize("prompt", [p for p in PROMPTS if isinstance(p, str)])
+def test_simulator_tokenize_counts_a_prompt_as_its_completions_does(sim, prompt):
+    want = _post(sim, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    got = _post(sim, "/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True})
+    assert got["count"] == want["usage"]["prompt_tokens"] and got["tokens"][0] == 128000
+    assert len(got["token_strs"]) == got["count"]
+    bare = _post(sim, "/tokenize", {"prompt": prompt, "add_special_tokens": False})  # no model: the served one
+    assert bare["count"] == got["count"] - 1
+    assert _post(sim, "/detokenize", {"model": MODEL, "tokens": bare["tokens"]})["prompt"] == prompt
+
+
+def test_simulator_tokenize_refuses_what_vllm_refuses(sim):
+    status, body = _post_status(sim, "/tokenize", {"model": "other", "prompt": "x"})
+    assert status == 404 and "does not exist" in body["error"]["message"]
+    status, body = _post_status(sim, "/tokenize", {"messages": CHATS[0], "continue_final_message": True})
+    assert status == 400 and "Cannot set both" in body["error"]["message"]
+    status, body = _post_status(sim, "/tokenize", {"model": MODEL})
+    assert status == 400
+    status, body = _post_status(sim, "/detokenize", {"tokens": ["a"]})
+    assert status == 400

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from extproc.sim import generation as gen
+from extproc.sim import tokenization
 from extproc.sim.config import SimConfig
 from extproc.sim.metrics import SimMetrics
 from extproc.sim.prefix_cache import PrefixCache
@@ -428,6 +429,15 @@ def create_app(cfg: SimConfig) -> web.Application:
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/health", sim.health)
     app.router.add_get("/metrics", sim.prometheus)
+
+    async def tokenize(request: web.Request) -> web.Response:
+        return _json(tokenization.tokenize(await _read_body(request), cfg))
+
+    async def detokenize(request: web.Request) -> web.Response:
+        return _json(tokenization.detokenize(await _read_body(request), cfg))
+
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     return app
 
 

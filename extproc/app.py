@@ -142,6 +142,11 @@ class Sidecar:
             self.sinks,
             self.stats,
         )
+        if s.tokenizer.tokenize_url:
+            from extproc.recount import Recounter
+
+            service.recounter = Recounter(s.tokenizer.tokenize_url, service._emit,
+                                          timeout_s=s.tokenizer.tokenize_timeout_ms / 1000)
         self.service = service
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")
         worker = self._relay is not None
@@ -190,6 +195,8 @@ class Sidecar:
             self._sweeper.cancel()
         if self.service is not None:
             self.service.sweep_pending(max_age_s=0)  # nothing waits for a stream that cannot come
+            if self.service.recounter is not None:
+                await self.service.recounter.close()  # events waiting for /tokenize reach the sinks
         if self._admin is not None:
             await self._admin.cleanup()
         for sink in self.sinks:

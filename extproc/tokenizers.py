@@ -32,9 +32,9 @@ class TokenCounter:
     name: str
     # Plain text, no special tokens added (output text, and the last-resort prompt count).
     count: Callable[[str], int]
-    # A chat prompt as the model saw it: its chat template rendered, then tokenized (None
-    # without a template). May raise ChatTemplateError.
-    chat: Callable[[Sequence[dict[str, Any]]], int] | None = None
+    # A chat prompt as the model saw it: its chat template rendered (with the generation
+    # prompt or not), then tokenized (None without a template). May raise ChatTemplateError.
+    chat: Callable[[Sequence[dict[str, Any]], bool], int] | None = None
     # A text prompt (completions) with the special tokens the model's tokenizer adds (BOS).
     prompt: Callable[[str], int] | None = None
     # The served model's own tokenizer, not the tiktoken stand-in.
@@ -111,7 +111,11 @@ def hf_counter(path: str, template: ChatTemplate | None = None) -> TokenCounter:
 
     # vLLM tokenizes a rendered chat prompt without adding special tokens (the template wrote
     # them), and a text prompt with them.
-    chat = (lambda messages: count(template.render(messages))) if template is not None else None
+    def render_and_count(messages: Sequence[dict[str, Any]], generation_prompt: bool) -> int:
+        assert template is not None
+        return count(template.render(messages, generation_prompt))
+
+    chat = render_and_count if template is not None else None
     # A tokenizer.json without the BOS post-processor, where the config says BOS is added (the
     # slow tokenizer's add_bos_token): added by hand, even before a BOS the text spells out, as
     # the post-processor would.

@@ -76,6 +76,15 @@ def test_aborted_completion_prompt_counts_what_the_simulator_counts(sim, prompt)
     assert ev.token_source == TokenSource.TOKENIZER
 
 
+def test_add_generation_prompt_false_is_counted_as_the_simulator_does(sim):
+    messages = CHATS[1]
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                "add_generation_prompt": False})
+    ev = _aborted(TokenizerRegistry(models={MODEL: "llama3"}), "/v1/chat/completions",
+                  {"model": MODEL, "messages": messages, "add_generation_prompt": False}, CHAT_CHUNK)
+    assert ev.prompt_tokens == want["usage"]["prompt_tokens"]
+
+
 def test_a_model_directory_is_read_like_a_hugging_face_snapshot(sim, tmp_path):
     """tokenizer.models may name a model directory (tokenizer.json + tokenizer_config.json)."""
     (tmp_path / "tokenizer.json").write_bytes(Path(llama3_tokenizer_path()).read_bytes())

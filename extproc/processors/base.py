@@ -395,7 +395,7 @@ class EndpointProcessor:
         messages = self.chat_messages()
         if messages is not None and counter.chat is not None:
             try:
-                return counter.chat(messages), True
+                return counter.chat(messages, self.request.get("add_generation_prompt") is not False), True
             except ChatTemplateError as exc:
                 log.warning("%s request: chat template failed (%s); prompt estimated", self.endpoint, exc)
         texts = self.text_prompts() if messages is None else None

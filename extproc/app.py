@@ -145,7 +145,7 @@ class Sidecar:
         if s.tokenizer.tokenize_url:
             from extproc.recount import Recounter
 
-            service.recounter = Recounter(s.tokenizer.tokenize_url, service._emit,
+            service.recounter = Recounter(s.tokenizer.tokenize_url, service._emit, self.stats,
                                           timeout_s=s.tokenizer.tokenize_timeout_ms / 1000)
         self.service = service
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,34 +19,28 @@ import orjson
 
 from extproc.events import TokenSource, UsageEvent
 from extproc.processors.base import RecountRequest
+from extproc.stats import SidecarStats
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "vllm:/tokenize"
 
 
-@dataclass(slots=True)
-class RecountStats:
-    recounted: int = 0
-    failed: int = 0  # vLLM did not answer in time or refused: emitted with the estimate
-    overflow: int = 0  # too many in flight: emitted with the estimate at once
-
-
 class Recounter:
-    def __init__(self, base_url: str, emit: Callable[[UsageEvent], None], *, timeout_s: float = 0.5,
-                 max_in_flight: int = 256) -> None:
+    def __init__(self, base_url: str, emit: Callable[[UsageEvent], None], stats: SidecarStats, *,
+                 timeout_s: float = 0.5, max_in_flight: int = 256) -> None:
         self._url = base_url.rstrip("/") + "/tokenize"
         self._emit = emit
         self._timeout = timeout_s
         self._max = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self.stats = RecountStats()
+        self.stats = stats
 
     def submit(self, event: UsageEvent, request: RecountRequest) -> None:
         """Take the event; it reaches `emit` later, recounted or not."""
         if len(self._tasks) >= self._max:
-            self.stats.overflow += 1
+            self.stats.tokenize_overflow += 1
             self._emit(event)
             return
         task = asyncio.get_running_loop().create_task(self._recount(event, request))
@@ -62,11 +55,11 @@ class Recounter:
         try:
             prompt, output, reasoning = await asyncio.wait_for(self._ask(request), self._timeout)
         except Exception as exc:  # timeout, connection refused, an error answer: keep the estimate
-            self.stats.failed += 1
+            self.stats.tokenize_failed += 1
             log.warning("request %s: vLLM /tokenize gave no count (%s); the estimate stays",
                         event.request_id, exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc)
         else:
-            self.stats.recounted += 1
+            self.stats.tokenize_recounted += 1
             event.prompt_tokens = prompt
             event.completion_tokens = output + reasoning
             event.reasoning_tokens = reasoning

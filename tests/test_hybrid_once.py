@@ -70,7 +70,7 @@ def test_request_stream_timed_out_on_headers_counts_once():
     (ev,) = rec.events
     assert (ev.prompt_tokens, ev.completion_tokens, ev.labels["team"]) == (7, 2, "late")
     assert not ev.client_aborted and ev.error == ""
-    assert not service.pending
+    assert not service.pending and service.stats.hybrid_paired_by_request_id == 1
 
 
 def test_request_stream_timed_out_on_body_counts_once_with_the_request_it_read():

@@ -34,7 +34,7 @@ def _service(url: str, **kw) -> tuple[ExtProcService, RecordingSink, Recounter]:
     stats, rec = SidecarStats(), RecordingSink()
     service = ExtProcService(Attribution(AttributionSettings(), stats), ProcessorContext(TokenizerRegistry()),
                              [rec], stats)
-    service.recounter = Recounter(url, service._emit, **kw)
+    service.recounter = Recounter(url, service._emit, stats, **kw)
     return service, rec, service.recounter
 
 
@@ -69,7 +69,7 @@ async def test_an_estimated_chat_is_recounted_by_tokenize(sim):
     assert ev.completion_tokens == len(encode("A meter counts café"))
     assert ev.total_tokens == ev.prompt_tokens + ev.completion_tokens
     assert (ev.token_source, ev.tokenizer, ev.client_aborted) == (TokenSource.TOKENIZER, TOKENIZER_NAME, True)
-    assert recounter.stats.recounted == 1 and service.stats.events_emitted == 1
+    assert service.stats.tokenize_recounted == 1 and service.stats.events_emitted == 1
 
 
 async def test_an_estimated_completion_is_recounted_by_tokenize(sim):
@@ -112,7 +112,7 @@ async def test_no_answer_in_time_leaves_the_estimate_and_the_event():
         await recounter.close()  # bounded by the timeout
         (ev,) = rec.events
         assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE and ev.prompt_tokens > 0
-        assert recounter.stats.failed == 1
+        assert service.stats.tokenize_failed == 1
     finally:
         release.set()
         await runner.cleanup()
@@ -133,7 +133,7 @@ async def test_tokenize_down_or_refusing_leaves_the_estimate(caplog):
             _aborted(service, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}, [_chat_chunk("Hi")])
             await recounter.close()
             (ev,) = rec.events
-            assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE and recounter.stats.failed == 1
+            assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE and service.stats.tokenize_failed == 1
         finally:
             if runner is not None:
                 await runner.cleanup()
@@ -152,7 +152,7 @@ async def test_past_the_in_flight_bound_events_go_on_at_once():
         service, rec, recounter = _service(url, timeout_s=5, max_in_flight=1)
         for _ in range(3):
             _aborted(service, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}, [_chat_chunk("Hi")])
-        assert len(rec.events) == 2 and recounter.stats.overflow == 2
+        assert len(rec.events) == 2 and service.stats.tokenize_overflow == 2
         release.set()
         await recounter.close()
         assert len(rec.events) == 3 and rec.events[-1].token_source == TokenSource.TOKENIZER

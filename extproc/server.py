@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Hybrid response streams that metered alone, remembered for the sweep's age at most.
+_MAX_METERED_ALONE = 100_000
+
 
 class ExtProcService:
     def __init__(
@@ -125,7 +128,11 @@ class ExtProcService:
             self.stats.hybrid_paired_by_request_id += 1
             exchange.adopt_response_side()
             return exchange
-        self._metered_alone.setdefault(key, []).append((time.monotonic(), labels))
+        if len(self._metered_alone) < _MAX_METERED_ALONE:
+            self._metered_alone.setdefault(key, []).append((time.monotonic(), labels))
+        else:  # bounded: past it a late request stream may be counted again (logged, counted)
+            self.stats.errors["hybrid_unpaired_overflow"] += 1
+            log.warning("request %s: too many unpaired hybrid response streams; not remembered", ev.request_id)
         return None
 
     def _pop_pending(self, cid: str) -> tuple[float, Exchange] | None:

@@ -157,3 +157,14 @@ def test_a_response_stream_whose_exchange_was_taken_pairs_with_the_late_one():
     service.sweep_pending(max_age_s=0)
     assert [ev.completion_tokens for ev in rec.events] == [2, 2]
     assert all(not ev.error for ev in rec.events)
+
+
+def test_unpaired_response_streams_are_remembered_up_to_a_bound(monkeypatch):
+    import extproc.server
+
+    monkeypatch.setattr(extproc.server, "_MAX_METERED_ALONE", 1)
+    service, rec = _service()
+    _response_stream(service, m.request_headers(x_team="a"))
+    _response_stream(service, m.request_headers(x_team="b", x_request_id="rid-2"))
+    assert len(rec.events) == 2 and len(service._metered_alone) == 1
+    assert service.stats.errors["hybrid_unpaired_overflow"] == 1

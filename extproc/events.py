@@ -13,6 +13,7 @@ _SOURCE_NAMES = {
     TokenSource.UPSTREAM_USAGE: "upstream_usage",
     TokenSource.TOKENIZER: "tokenizer",
     TokenSource.NONE: "none",
+    TokenSource.TOKENIZER_ESTIMATE: "tokenizer_estimate",
 }
 
 

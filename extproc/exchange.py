@@ -66,7 +66,7 @@ class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
         "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
-        "response_started", "response_code", "_framing_pending", "refused",
+        "response_started", "response_code", "_framing_pending", "refused", "_request_body_len",
     )
 
     def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
@@ -88,8 +88,10 @@ class Exchange:
         # content-type was seen.
         self._framing_pending = False
         self._finished = False
-        # Request body pieces (STREAMED request bodies, as in observability mode).
+        # Request body pieces (STREAMED request bodies, as in observability mode), and their
+        # size: over metering.max_request_body_bytes they are let go, not parsed.
         self._request_body: list[bytes] = []
+        self._request_body_len = 0
         # Observability mode: Envoy ignores our answers, so nothing can be rewritten.
         self.observe = False
         # Hybrid mode: "request" streams see only the request and hand the exchange over to the
@@ -153,12 +155,23 @@ class Exchange:
         p = self.processor
         if p is None:
             return wire.continue_response(wire.REQUEST_BODY)
+        limit = self._ctx.max_request_body_bytes
+        self._request_body_len += len(msg.body)
         if not msg.end_of_stream:
-            self._request_body.append(msg.body)
+            if self._request_body_len <= limit:
+                self._request_body.append(msg.body)
+            elif self._request_body:
+                self._request_body = []
             return wire.continue_response(wire.REQUEST_BODY)
         body = b"".join((*self._request_body, msg.body)) if self._request_body else msg.body
         self._request_body = []
         self.request_done = True
+        if self._request_body_len > limit:
+            p.error = "request_too_large"
+            p.error_detail = (f"request body of {self._request_body_len} bytes exceeds "
+                              f"metering.max_request_body_bytes ({limit}): not parsed; output counted without it")
+            log.warning("request %s: %s", self.event.request_id, p.error_detail)
+            return wire.continue_response(wire.REQUEST_BODY)
         try:
             replacement = p.on_request_body(body, rewrite=not self.observe)
         except RequestError as exc:

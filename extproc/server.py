@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from extproc import wire
 from extproc._pb import ext_proc_wire_pb2 as pb
 from extproc.envoy_config import ROLE_METADATA
-from extproc.events import EventSink, UsageEvent
+from extproc.events import EventSink, TokenSource, UsageEvent
 from extproc.exchange import CORRELATION_HEADER, CORRELATION_ONLY, Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
 from extproc.stats import SidecarStats
 
+if TYPE_CHECKING:
+    from extproc.recount import Recounter
+
 log = logging.getLogger(__name__)
+
+# Hybrid response streams that metered alone, remembered for the sweep's age at most.
+_MAX_METERED_ALONE = 100_000
 
 
 class ExtProcService:
@@ -40,6 +46,16 @@ class ExtProcService:
         # Hybrid mode: exchanges whose request stream is done, waiting for their response
         # stream, by correlation id, with the monotonic time they were registered.
         self.pending: dict[str, tuple[float, Exchange]] = {}
+        # The same exchanges by (x-request-id, path): a response stream without the correlation
+        # header (Envoy failed the request filter open before applying our answer) finds its
+        # request by these.
+        self._pending_by_request: dict[tuple[str, str], list[str]] = {}
+        # vLLM's /tokenize, asked after the request for an event only estimated (off the hot
+        # path; the event waits for it, bounded by its timeout).
+        self.recounter: Recounter | None = None
+        # Requests whose response stream metered alone, by (x-request-id, path): their request
+        # stream, registered late or waiting for the sweep, must not make a second event.
+        self._metered_alone: dict[tuple[str, str], list[tuple[float, dict[str, str]]]] = {}
 
     def open_stream(self, metadata: Iterable[tuple[str, str]] = ()) -> StreamSession:
         """A session for one ext_proc stream (extproc.transport.session.SessionFactory): both
@@ -50,12 +66,82 @@ class ExtProcService:
         """The exchange of this response stream's request stream; None when there is none
         (an unmetered path, or the request filter failed open): then this stream meters alone."""
         cid = wire.decode_headers(msg.headers, CORRELATION_ONLY).get(CORRELATION_HEADER)
-        entry = self.pending.pop(cid, None) if cid else None
+        if not cid:
+            return None
+        # Not found: taken by a response stream without the header that shares its request id
+        # and labels; adopt_by_request_id then pairs this one the same way.
+        entry = self._pop_pending(cid)
         if entry is None:
             return None
         exchange = entry[1]
         exchange.adopt_response_side()
         return exchange
+
+    def register_pending(self, exchange: Exchange) -> None:
+        """A request stream read its request headers: its response stream comes later."""
+        ev = exchange.event
+        key = (ev.request_id, ev.path)
+        if ev.request_id and self._metered_alone and self._take_alone(key, ev.labels):
+            # The response stream came first and metered this request alone.
+            self.stats.hybrid_duplicates_dropped += 1
+            log.info("request %s: its response stream metered it alone; request stream not counted", ev.request_id)
+            return
+        cid = exchange.correlation_id
+        self.pending[cid] = (time.monotonic(), exchange)
+        if ev.request_id:
+            self._pending_by_request.setdefault(key, []).append(cid)
+
+    def adopt_by_request_id(self, alone: Exchange) -> Exchange | None:
+        """A response stream without a known correlation header: the request filter's stream
+        failed open (message_timeout, reset) before Envoy applied our header. Its exchange is
+        the pending one with the same x-request-id, path and labels, if exactly one is; else
+        this stream meters alone and the request stream, when it comes or is swept, is not
+        counted again."""
+        ev = alone.event
+        if not ev.request_id or alone.processor is None:
+            return None
+        key = (ev.request_id, ev.path)
+        labels = dict(ev.labels)
+        matches = [cid for cid in self._pending_by_request.get(key, ())
+                   if dict(self.pending[cid][1].event.labels) == labels]
+        if len(matches) == 1:
+            cid = matches[0]
+            _, exchange = self._pop_pending(cid)  # type: ignore[misc]
+            self.stats.hybrid_paired_by_request_id += 1
+            exchange.adopt_response_side()
+            return exchange
+        if len(self._metered_alone) < _MAX_METERED_ALONE:
+            self._metered_alone.setdefault(key, []).append((time.monotonic(), labels))
+        else:  # bounded: past it a late request stream may be counted again (logged, counted)
+            self.stats.errors["hybrid_unpaired_overflow"] += 1
+            log.warning("request %s: too many unpaired hybrid response streams; not remembered", ev.request_id)
+        return None
+
+    def _pop_pending(self, cid: str) -> tuple[float, Exchange] | None:
+        entry = self.pending.pop(cid, None)
+        if entry is not None and self._pending_by_request:
+            ev = entry[1].event
+            key = (ev.request_id, ev.path)
+            cids = self._pending_by_request.get(key)
+            if cids is not None:
+                if cid in cids:
+                    cids.remove(cid)
+                if not cids:
+                    del self._pending_by_request[key]
+        return entry
+
+    def _take_alone(self, key: tuple[str, str], labels: Mapping[str, str]) -> bool:
+        seen = self._metered_alone.get(key)
+        if not seen:
+            return False
+        want = dict(labels)
+        for i, (_, got) in enumerate(seen):
+            if got == want:
+                del seen[i]
+                if not seen:
+                    del self._metered_alone[key]
+                return True
+        return False
 
     def sweep_pending(self, max_age_s: float = 60.0) -> int:
         """Finish exchanges whose response stream never came (its filter failed open, or Envoy
@@ -63,13 +149,38 @@ class ExtProcService:
         now = time.monotonic()
         expired = [cid for cid, (t, _) in self.pending.items() if now - t > max_age_s]
         for cid in expired:
-            _, exchange = self.pending.pop(cid)
+            _, exchange = self._pop_pending(cid)  # type: ignore[misc]
+            ev = exchange.event
+            if self._metered_alone and self._take_alone((ev.request_id, ev.path), ev.labels):
+                self.stats.hybrid_duplicates_dropped += 1
+                log.info("request %s: its response stream metered it alone; request stream not counted",
+                         ev.request_id)
+                continue
             p = exchange.processor
             if p is not None and not p.error:
                 p.error, p.error_detail = "response_not_observed", "no response stream arrived for this request"
             self.stats.errors["response_not_observed"] += 1
-            self._emit(exchange.finish())
+            self.finish(exchange)
+        # What pairs nothing any more: a request stream comes within moments of its response
+        # stream, never after the sweep's age.
+        for key in [k for k, seen in self._metered_alone.items() if now - seen[-1][0] > max_age_s]:
+            del self._metered_alone[key]
         return len(expired)
+
+    def finish(self, exchange: Exchange) -> None:
+        """The exchange's event to the sinks, by way of vLLM's /tokenize when it was estimated."""
+        event = exchange.finish()
+        if (event is not None and self.recounter is not None and event.token_source == TokenSource.TOKENIZER_ESTIMATE
+                and exchange.processor is not None):
+            try:
+                request = exchange.processor.recount_request()
+            except Exception:  # a bug here must not lose the event
+                log.exception("building the /tokenize request for %s", event.request_id)
+                request = None
+            if request is not None:
+                self.recounter.submit(event, request)
+                return
+        self._emit(event)
 
     def _emit(self, event: UsageEvent | None) -> None:
         if event is None:
@@ -130,9 +241,14 @@ class StreamSession:
             log.exception("handling %s for request %s", kind, exchange.event.request_id)
             exchange.flag_internal_error(kind, exc)
             resp = wire.continue_response(kind)
-        if self.role == "request" and kind == wire.REQUEST_HEADERS and exchange.correlation_id:
-            # Before answering: the response stream starts once Envoy has our answer.
-            service.pending[exchange.correlation_id] = (time.monotonic(), exchange)
+        if kind == wire.REQUEST_HEADERS:
+            if self.role == "request" and exchange.correlation_id:
+                # Before answering: the response stream starts once Envoy has our answer.
+                service.register_pending(exchange)
+            elif self.role == "response" and exchange.processor is not None:
+                paired = service.adopt_by_request_id(exchange)
+                if paired is not None:
+                    self.exchange = paired
         return None if observe else resp
 
     def close(self) -> None:
@@ -147,7 +263,7 @@ class StreamSession:
         # A request stream's exchange is finished by its response stream, or by the sweep;
         # unmetered paths are counted by the response stream alone.
         if self.role != "request" or self.exchange.refused:
-            self._service._emit(self.exchange.finish())
+            self._service.finish(self.exchange)
 
 
 def _role(metadata: Iterable[tuple[str, str]]) -> str:

@@ -32,6 +32,16 @@ class SidecarStats:
     live_output_tokens: int = 0
     # label values rejected or rewritten by validation, by label name
     labels_rejected: Counter[str] = field(default_factory=Counter)
+    # hybrid mode: response streams paired with their request by x-request-id (the request
+    # filter failed open before our correlation header was applied), and request streams not
+    # counted because their response stream had already metered the request alone
+    hybrid_paired_by_request_id: int = 0
+    hybrid_duplicates_dropped: int = 0
+    # events only estimated here, sent to vLLM's /tokenize: recounted, left with the estimate
+    # (no answer in time, an error), or not sent (too many in flight)
+    tokenize_recounted: int = 0
+    tokenize_failed: int = 0
+    tokenize_overflow: int = 0
 
     def snapshot(self) -> dict[str, int | dict[str, int]]:
         """Plain data (JSON-ready): what a worker process sends its parent."""

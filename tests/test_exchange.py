@@ -137,7 +137,7 @@ def test_abort_mid_stream_counts_seen_tokens_with_tokenizer():
               m.body(m.sse(_chunk("Hello"), _chunk(" world"), _chunk(" again", index=1)), response=True)])
     ev = ex.finish()  # the stream ended here: Envoy reset it
     assert ev.client_aborted
-    assert ev.token_source == TokenSource.TOKENIZER
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE
     assert ev.completion_tokens == TOKENIZERS.for_model("m").count("Hello world") + TOKENIZERS.for_model("m").count(" again")
     assert ev.prompt_tokens > 0 and ev.tokenizer.startswith("tiktoken:")
 
@@ -192,7 +192,7 @@ def test_aborted_completion_stream_counts_its_prompt_with_the_tokenizer():
                   m.body(orjson.dumps({"model": "m", "prompt": prompt, "stream": True}), eos=True),
                   m.response_headers(), m.body(m.sse(chunk), response=True)])
         ev = ex.finish()  # Envoy reset the stream here
-        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER
+        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER_ESTIMATE
         assert (ev.prompt_tokens, ev.completion_tokens) == (want_prompt, count(" the answer")), prompt
 
 
@@ -209,7 +209,7 @@ def test_chat_content_parts_count_their_text_only():
         _run(ex, [m.request_headers(), m.body(_chat_request(messages=msgs, stream=True), eos=True),
                   m.response_headers(), m.body(m.sse(_chunk("Sure")), response=True)])
         ev = ex.finish()
-        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER
+        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER_ESTIMATE
         assert ev.completion_tokens == count("Sure")
         counted.append(ev.prompt_tokens)
     assert counted[0] == counted[1] > 0  # the image part adds no text
@@ -339,7 +339,7 @@ def test_streamed_request_body_in_observe_mode_is_read_but_never_rewritten():
     _run(ex, [m.response_headers(), m.body(stream, response=True, eos=True)])
     ev = ex.finish()
     assert not ev.usage_injected and ev.stream and ev.request_model == "m"
-    assert ev.token_source == TokenSource.TOKENIZER
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE
     assert ev.completion_tokens == TOKENIZERS.for_model("m").count("Hello there")
 
 

@@ -110,3 +110,21 @@ def test_not_sse_is_noticed():
     p.feed(b"<html>oops</html>\n\n")
     p.flush()
     assert p.garbage_lines == 1
+
+
+def test_an_event_over_the_limit_comes_back_as_raw_pieces_at_every_cut():
+    """Whatever the cuts (a terminator split across chunks included, CRLF or LF), the pieces of
+    an oversized event and the events around it give back the input byte for byte, and the
+    events after it are parsed again."""
+    for end in (b"\n\n", b"\r\n\r\n"):
+        big = b"data: " + b"x" * 300 + end
+        stream = b"data: a" + end + big + b"data: b" + end + b"data: [DONE]" + end
+        for size in (1, 2, 3, 5, 64, len(stream)):
+            p = SSEParser(max_event_bytes=100)
+            got = []
+            for i in range(0, len(stream), size):
+                got.extend(p.feed(stream[i:i + size]))
+            got.extend(p.flush())
+            assert b"".join(e.raw for e in got) == stream, (end, size)
+            assert [e.data for e in got if not e.oversized] == [b"a", b"b", b"[DONE]"], (end, size)
+            assert p.oversized_events == 1 and not p.pending

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.events import TokenSource
+from extproc.events import TokenSource, token_source_name
 from extproc.storage.migrations import load_migrations, migrate
 from extproc.storage.sink import batch_token
 from extproc.storage.store import Storage, open_storage_sync
@@ -268,3 +268,16 @@ def test_a_call_that_timed_out_holds_new_calls_back_instead_of_queueing_them(tmp
         storage.close_sync()  # twice is harmless
     with pytest.raises(RuntimeError, match="storage is closed"):
         storage.call(lambda c: None)
+
+
+@pytest.mark.parametrize("insert_format", ["protobuf", "arrow"])
+async def test_every_token_source_is_stored_by_its_name(tmp_path: Path, insert_format: str) -> None:
+    """tokenizer_estimate (a prompt counted without the model's chat template or tokenizer)
+    reaches the token_source column by name through both insert formats."""
+    events = [make_event(i, token_source=v) for i, v in enumerate(TokenSource.values())]
+    payloads = [e.SerializeToString() for e in events]
+    async with chdb_storage(settings_for(tmp_path, storage={"insert_format": insert_format})) as st:
+        await asyncio.to_thread(st.writer().write, payloads, batch_token(payloads))
+        got = await st.run(lambda c: c.query("SELECT token_source FROM usage_events").result_rows)
+    assert sorted(r[0] for r in got) == sorted(token_source_name(v) for v in TokenSource.values())
+    assert "tokenizer_estimate" in {r[0] for r in got}

@@ -9,10 +9,13 @@ from extproc.tokenizers import TokenizerRegistry, llama3_tokenizer_path
 
 
 def test_configured_models_use_their_tokenizer_and_others_tiktoken():
-    reg = TokenizerRegistry(models={"llama": "llama3", "llama-too": llama3_tokenizer_path()})
+    reg = TokenizerRegistry(models={"llama": "llama3", "llama-too": "llama3", "bare": llama3_tokenizer_path()})
     llama, other = reg.for_model("llama"), reg.for_model("gpt-oss")
     assert llama.name.startswith("hf:") and other.name == "tiktoken:o200k_base"
     assert reg.for_model("llama-too") is llama  # one load per file, shared by model names
+    # "llama3" brings the shipped chat template; a bare tokenizer.json (no tokenizer_config.json
+    # beside it) has none
+    assert llama.chat is not None and reg.for_model("bare").chat is None and other.chat is None
     assert reg.for_model("another") is other
     text = "Chargeback for GPUs, café, 日本語."
     assert llama.count(text) > 0 and other.count(text) > 0

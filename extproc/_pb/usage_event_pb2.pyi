@@ -13,10 +13,12 @@ class TokenSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPSTREAM_USAGE: _ClassVar[TokenSource]
     TOKENIZER: _ClassVar[TokenSource]
     NONE: _ClassVar[TokenSource]
+    TOKENIZER_ESTIMATE: _ClassVar[TokenSource]
 TOKEN_SOURCE_UNSPECIFIED: TokenSource
 UPSTREAM_USAGE: TokenSource
 TOKENIZER: TokenSource
 NONE: TokenSource
+TOKENIZER_ESTIMATE: TokenSource
 
 class UsageEvent(_message.Message):
     __slots__ = ("event_id", "request_id", "start_time_unix_nano", "end_time_unix_nano", "labels", "endpoint", "path", "method", "request_model", "response_model", "stream", "http_status", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "total_tokens", "token_source", "tokenizer", "time_to_first_token_ns", "duration_ns", "client_aborted", "metered", "choices", "usage_injected", "error", "error_detail", "response_events", "operation", "cache_creation_tokens", "audio_seconds", "list_cost_micros", "price_status", "price_ref", "gpu_pool", "gpu_work_milli")

@@ -13,9 +13,10 @@ from typing import Any
 
 import orjson
 
+from extproc.chat_template import ChatTemplateError
 from extproc.events import TokenSource, UsageEvent
-from extproc.sse import SSEParser
-from extproc.tokenizers import TokenizerRegistry
+from extproc.sse import DEFAULT_MAX_EVENT_BYTES, SSEParser
+from extproc.tokenizers import TokenCounter, TokenizerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ class ProcessorContext:
     # metering.unknown_post and metering.path_prefixes (see processors/routing.py)
     unknown_post: str = "pass"
     path_prefixes: tuple[str, ...] = ()
+    # Per-request memory bounds (metering.* settings): one SSE event, the request body read
+    # in pieces (observability mode streams it), the output text kept for a tokenizer count.
+    max_sse_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    max_output_text_chars: int = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -47,6 +53,19 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     finish_reason: str = ""
+    # Tokens of text already counted and let go (the output text limit), and of reasoning.
+    text_counted: int = 0
+    reasoning_counted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecountRequest:
+    """/tokenize bodies (vLLM's) that count an event's tokens as the served model does: the
+    prompt (one body per prompt, summed), each choice's output text and reasoning text."""
+
+    prompt: list[dict[str, Any]]
+    output: list[dict[str, Any]] = field(default_factory=list)
+    reasoning: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RequestError(Exception):
@@ -94,9 +113,13 @@ class EndpointProcessor:
         # data: [DONE] seen: the stream is over for the client even if Envoy's end-of-stream
         # never reaches us (clients such as the openai SDK hang up right after it).
         self.done_seen = False
-        self._sse = SSEParser()
+        self._sse = SSEParser(ctx.max_sse_event_bytes)
         self._body: list[bytes] = []
         self._body_len = 0
+        # Output text characters kept across choices (a str length is free, its UTF-8 size is not).
+        self._text_kept = 0
+        # Times the kept text went over metering.max_output_text_chars and was counted in pieces.
+        self.text_segments = 0
 
     # -- request ---------------------------------------------------------------------------
 
@@ -173,6 +196,12 @@ class EndpointProcessor:
             self.response_complete = True
         kept: list[bytes] | None = [] if self.rewrites_response else None
         for ev in events:
+            if ev.oversized:  # passed on unread: its tokens are not in the text counted
+                self._flag("sse_event_too_large", f"an SSE event exceeded metering.max_sse_event_bytes "
+                           f"({self.ctx.max_sse_event_bytes} bytes); its content was not metered")
+                if kept is not None:
+                    kept.append(ev.raw)
+                continue
             self.response_events += 1
             if self._on_sse_event(ev.data, now_ns) and kept is not None:
                 kept.append(ev.raw)
@@ -232,14 +261,35 @@ class EndpointProcessor:
         got = False
         if isinstance(text, str) and text:
             state.text.append(text)
+            self._text_kept += len(text)
             got = True
         if isinstance(reasoning, str) and reasoning:
             state.reasoning.append(reasoning)
+            self._text_kept += len(reasoning)
             got = True
         if got:
             self.live_output_tokens += 1
             if not self.first_output_ns:
                 self.first_output_ns = now_ns
+            if self._text_kept > self.ctx.max_output_text_chars:
+                self._count_kept_text()
+
+    def _count_kept_text(self) -> None:
+        """Over the output text limit: count what is kept and let it go. Each cut can split a
+        token, so a count made of pieces can differ from the whole text's by a token per cut."""
+        self.text_segments += 1
+        if self.text_segments == 1:
+            log.warning("%s response: output text over metering.max_output_text_chars (%d); counted in pieces",
+                        self.endpoint, self.ctx.max_output_text_chars)
+        counter = self.ctx.tokenizers.for_model(self.request_model)
+        for c in self.choices.values():
+            if c.text:
+                c.text_counted += counter.count("".join(c.text))
+                c.text = []
+            if c.reasoning:
+                c.reasoning_counted += counter.count("".join(c.reasoning))
+                c.reasoning = []
+        self._text_kept = 0
 
     def _finish_json_body(self) -> None:
         self.response_complete = True
@@ -314,6 +364,52 @@ class EndpointProcessor:
         """Text to count as the prompt when upstream reports no usage."""
         return ""
 
+    def chat_messages(self) -> list[dict[str, Any]] | None:
+        """The prompt as OpenAI chat messages (what the model's chat template renders), or
+        None when the prompt is not a chat."""
+        return None
+
+    def text_prompts(self) -> list[str] | None:
+        """Plain text prompts, each tokenized on its own with the model's special tokens (a
+        completions request), or None."""
+        return None
+
+    def recount_request(self) -> RecountRequest | None:
+        """What vLLM's /tokenize must be asked to count this request's tokens, or None when it
+        cannot say (no prompt it knows, output text already let go under the limit)."""
+        if self.text_segments:
+            return None
+        base: dict[str, Any] = {"model": self.request_model} if self.request_model else {}
+        messages = self.chat_messages()
+        if messages is not None:
+            prompt = [{**base, "messages": messages,
+                       "add_generation_prompt": self.request.get("add_generation_prompt") is not False}]
+        else:
+            texts = self.text_prompts()
+            if texts is None:
+                return None
+            prompt = [{**base, "prompt": t} for t in texts]
+        choices = [self.choices[i] for i in sorted(self.choices)]
+        return RecountRequest(
+            prompt,
+            [{**base, "prompt": "".join(c.text), "add_special_tokens": False} for c in choices if c.text],
+            [{**base, "prompt": "".join(c.reasoning), "add_special_tokens": False} for c in choices if c.reasoning],
+        )
+
+    def count_prompt(self, counter: TokenCounter) -> tuple[int, bool]:
+        """Prompt tokens without the upstream's usage, and whether they are counted as the
+        model counts them (its chat template, its tokenizer's special tokens)."""
+        messages = self.chat_messages()
+        if messages is not None and counter.chat is not None:
+            try:
+                return counter.chat(messages, self.request.get("add_generation_prompt") is not False), True
+            except ChatTemplateError as exc:
+                log.warning("%s request: chat template failed (%s); prompt estimated", self.endpoint, exc)
+        texts = self.text_prompts() if messages is None else None
+        if texts is not None and counter.prompt is not None:
+            return sum(counter.prompt(t) for t in texts), True
+        return counter.count(self.prompt_text()), False
+
     # -- result ----------------------------------------------------------------------------
 
     def fill_event(self, ev: UsageEvent) -> None:
@@ -336,6 +432,7 @@ class EndpointProcessor:
 
     def _fill_tokens(self, ev: UsageEvent) -> None:
         reasoning_text = "".join("".join(c.reasoning) for c in self.choices.values())
+        reasoning_counted = sum(c.reasoning_counted for c in self.choices.values())
         counter = None
         if self.usage is not None:
             u = self.usage
@@ -344,25 +441,31 @@ class EndpointProcessor:
             ev.total_tokens = u.total or u.prompt + u.completion
             ev.cached_tokens = u.cached
             ev.reasoning_tokens = u.reasoning
-            if not u.reasoning and reasoning_text:
+            if not u.reasoning and (reasoning_text or reasoning_counted):
                 # vLLM reports no reasoning count; ours is a subset of completion_tokens.
                 counter = self.ctx.tokenizers.for_model(self.request_model)
-                ev.reasoning_tokens = min(counter.count(reasoning_text), u.completion)
+                ev.reasoning_tokens = min(counter.count(reasoning_text) + reasoning_counted, u.completion)
                 ev.tokenizer = counter.name
             return
-        has_output = any(c.text or c.reasoning for c in self.choices.values())
+        has_output = any(c.text or c.reasoning or c.text_counted or c.reasoning_counted
+                         for c in self.choices.values())
         if not has_output and (self.error or not self.request):
             ev.token_source = TokenSource.NONE
             return
         counter = self.ctx.tokenizers.for_model(self.request_model)
         # Count the joined text per choice: per-chunk sums drift (measured: ~5% of responses).
         ev.completion_tokens = sum(
-            counter.count("".join(c.text)) + counter.count("".join(c.reasoning)) for c in self.choices.values()
+            counter.count("".join(c.text)) + counter.count("".join(c.reasoning)) + c.text_counted + c.reasoning_counted
+            for c in self.choices.values()
         )
-        ev.reasoning_tokens = counter.count(reasoning_text) if reasoning_text else 0
-        ev.prompt_tokens = counter.count(self.prompt_text())
+        ev.reasoning_tokens = (counter.count(reasoning_text) if reasoning_text else 0) + reasoning_counted
+        if self.text_segments and not self.error:
+            self._flag("output_text_limit", f"output text over metering.max_output_text_chars "
+                       f"({self.ctx.max_output_text_chars}) was counted in {self.text_segments + 1} pieces: "
+                       f"completion_tokens may be off by up to {self.text_segments} per choice")
+        ev.prompt_tokens, exact = self.count_prompt(counter)
         ev.total_tokens = ev.prompt_tokens + ev.completion_tokens
-        ev.token_source = TokenSource.TOKENIZER
+        ev.token_source = TokenSource.TOKENIZER if exact and counter.own else TokenSource.TOKENIZER_ESTIMATE
         ev.tokenizer = counter.name
 
 

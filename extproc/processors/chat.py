@@ -46,6 +46,12 @@ class ChatProcessor(EndpointProcessor):
             if isinstance(message, dict):
                 self._record_output(state, _content_text(message.get("content")), _reasoning(message), 0)
 
+    def chat_messages(self) -> list[dict[str, Any]] | None:
+        messages = self.request.get("messages")
+        if not isinstance(messages, list):
+            return None
+        return [m for m in messages if isinstance(m, dict)]
+
     def prompt_text(self) -> str:
         messages = self.request.get("messages")
         if not isinstance(messages, list):

@@ -21,6 +21,14 @@ class CompletionsProcessor(EndpointProcessor):
                 if isinstance(choice, dict):
                     self._record_output(self._choice(choice), choice.get("text"), None, 0)
 
+    def text_prompts(self) -> list[str] | None:
+        prompt = self.request.get("prompt")
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return prompt
+        return None
+
     def prompt_text(self) -> str:
         prompt = self.request.get("prompt")
         if isinstance(prompt, str):

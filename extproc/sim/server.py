@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import audio_apis, chat_apis, pooling_apis
+from extproc.sim import audio_apis, chat_apis, pooling_apis, tokenization
 from extproc.sim import generation as gen
 from extproc.sim.config import SimConfig
 from extproc.sim.metrics import SimMetrics
@@ -414,19 +414,10 @@ class Simulator:
         return _json({"object": "list", "data": cards})
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        body = await _read_body(request)
-        check_model(body, self.cfg)
-        if "messages" in body:
-            ids = gen.chat_prompt_ids(body["messages"], body.get("add_generation_prompt", True) is not False)
-        else:
-            ids = gen.text_prompt_ids(field(body, "prompt", str) or "")
-        return _json({"count": len(ids), "max_model_len": self.cfg.max_model_len, "tokens": ids, "token_strs": None})
+        return _json(tokenization.tokenize(await _read_body(request), self.cfg))
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        body = await _read_body(request)
-        check_model(body, self.cfg)
-        tokens = require(body, "tokens")
-        return _json({"prompt": gen.get_tokenizer().decode(tokens, skip_special_tokens=False)})
+        return _json(tokenization.detokenize(await _read_body(request), self.cfg))
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """/v1/messages/count_tokens: the Messages request's prompt, counted, no generation."""

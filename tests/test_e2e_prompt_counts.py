@@ -1,0 +1,92 @@
+"""Through the real Envoy, with the openai client: a stream that carries no usage (observe
+mode cannot ask for it) and a stream the client abandons are counted as vLLM counts them, by
+the served model's chat template or, with no template here, by vLLM's /tokenize; with neither,
+the event says it is an estimate."""
+
+from __future__ import annotations
+
+import uuid
+
+import openai
+import pytest
+
+from extproc.events import TokenSource
+from extproc.recount import TOKENIZER_NAME
+from tests.stack import (
+    RecordingSink,
+    ThreadedSidecar,
+    sidecar_settings,
+    start_envoy,
+    start_sim,
+    wait_events,
+)
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Explain chargeback."}]
+
+SETUPS = {
+    "template": ({"models": {MODEL: "llama3"}}, TokenSource.TOKENIZER, "+chat_template"),
+    "tokenize": ({"models": {}, "tokenize_url": "SIM"}, TokenSource.TOKENIZER, TOKENIZER_NAME),
+    "neither": ({"models": {}}, TokenSource.TOKENIZER_ESTIMATE, "tiktoken:o200k_base"),
+}
+
+
+@pytest.fixture(params=list(SETUPS))
+def stack(request, sim, tmp_path):
+    tokenizer, source, name = SETUPS[request.param]
+    tokenizer = {k: (sim if v == "SIM" else v) for k, v in tokenizer.items()}
+    rec = RecordingSink()
+    sc = ThreadedSidecar(sidecar_settings(tmp_path, tokenizer=tokenizer), extra_sinks=[rec]).start()
+    envoy, url, _ = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode="observe")
+    yield url, rec, source, name
+    envoy.stop()
+    sc.stop()
+
+
+def test_a_stream_without_usage_counts_its_prompt_as_vllm(stack):
+    url, rec, source, name = stack
+    user = "u" + uuid.uuid4().hex[:10]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, default_headers={"x-user": user})
+    truth = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5).usage
+    wait_events(rec, user, 1)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, stream=True))
+    assert not any(c.usage for c in chunks)  # observe mode injects nothing
+    ev = wait_events(rec, user, 2)[1]
+    assert ev.token_source == source and name in ev.tokenizer
+    if source == TokenSource.TOKENIZER:
+        assert ev.prompt_tokens == truth.prompt_tokens
+    else:  # the last resort, and it says so
+        assert 0 < ev.prompt_tokens < truth.prompt_tokens
+
+
+@pytest.fixture
+def sync_stack(tmp_path):
+    slow, slow_url = start_sim(tmp_path, "--tokens-per-second", "20")  # the client hangs up mid-stream
+    rec = RecordingSink()
+    sc = ThreadedSidecar(sidecar_settings(tmp_path), extra_sinks=[rec]).start()  # llama3: with its template
+    envoy, url, _ = start_envoy(tmp_path, slow_url, sc.sidecar.grpc_port)
+    yield url, rec
+    envoy.stop()
+    sc.stop()
+    slow.stop()
+
+
+def test_a_client_that_abandons_its_stream_is_billed_the_prompt_vllm_counted(sync_stack):
+    """The issue's case: the openai client reads two chunks of a stream and hangs up, before the
+    usage chunk; the stored prompt is what vLLM counts (19 here, not the 8 of the plain text)."""
+    url, rec = sync_stack
+    user = "u" + uuid.uuid4().hex[:10]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, default_headers={"x-user": user})
+    two = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]
+    for kind, kwargs in (("chat", {"messages": two}), ("completions", {"prompt": "Tell me about GPU metering"})):
+        api = client.chat.completions if kind == "chat" else client.completions
+        truth = api.create(model=MODEL, max_tokens=5, **kwargs).usage
+        stream = api.create(model=MODEL, max_tokens=200, stream=True, **kwargs)
+        for i, _ in enumerate(stream):
+            if i == 1:
+                break
+        stream.close()
+        events = wait_events(rec, user, 2 if kind == "chat" else 4)
+        ev = events[-1]
+        assert ev.client_aborted and ev.token_source == TokenSource.TOKENIZER, kind
+        assert ev.prompt_tokens == truth.prompt_tokens, kind

@@ -1,0 +1,175 @@
+"""Prompt tokens without the upstream's usage (a client abort before the usage chunk) are
+counted as vLLM counts them: the served model's chat template rendered for a chat, the
+tokenizer's special tokens (BOS) for a text prompt. Checked against the simulator, which renders
+Llama 3's chat template and tokenizes as vLLM does; the tokenizer-only count stays the last
+resort, flagged tokenizer_estimate."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from extproc.chat_template import ChatTemplateError, load_chat_template
+from extproc.config import AttributionSettings
+from extproc.events import TokenSource
+from extproc.exchange import Exchange
+from extproc.labels import Attribution
+from extproc.processors import ProcessorContext
+from extproc.stats import SidecarStats
+from extproc.tokenizers import TokenizerRegistry, bundled_tokenizer_config, llama3_tokenizer_path
+from tests import ext_proc_msgs as m
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+CHATS = [
+    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}],  # the issue's 8 vs 19
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "  Price of GPUs?\n"}],
+    [{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "text", "text": "café 日本語 🎉"}]}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "What is a ledger?"},
+     {"role": "assistant", "content": "Un registre."}, {"role": "user", "content": "And an invoice? " * 40}],
+]
+PROMPTS = ["Once upon a time", ["first prompt", "second, café"], "<|begin_of_text|>already there"]
+
+
+def _post(sim: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{sim}{path}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _aborted(registry: TokenizerRegistry, path: str, request: dict, chunk: dict):  # noqa: ANN202
+    """The request streamed, one output chunk arrived, then Envoy reset the stream."""
+    stats = SidecarStats()
+    ex = Exchange(Attribution(AttributionSettings(), stats), ProcessorContext(registry), stats)
+    for msg in (m.request_headers(path), m.body(orjson.dumps({**request, "stream": True}), eos=True),
+                m.body(m.sse(orjson.dumps(chunk)), response=True, code=200)):
+        ex.handle(msg.WhichOneof("request"), getattr(msg, msg.WhichOneof("request")))
+    ev = ex.finish()
+    assert ev.client_aborted and ev.completion_tokens > 0
+    return ev
+
+
+CHAT_CHUNK = {"model": MODEL, "choices": [{"index": 0, "delta": {"content": "Sure"}}]}
+TEXT_CHUNK = {"model": MODEL, "choices": [{"index": 0, "text": " there"}]}
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_aborted_chat_prompt_counts_what_the_simulator_counts(sim, messages):
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})
+    ev = _aborted(TokenizerRegistry(models={MODEL: "llama3"}), "/v1/chat/completions",
+                  {"model": MODEL, "messages": messages}, CHAT_CHUNK)
+    assert ev.prompt_tokens == want["usage"]["prompt_tokens"]
+    assert ev.token_source == TokenSource.TOKENIZER and ev.tokenizer.endswith("+chat_template")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_aborted_completion_prompt_counts_what_the_simulator_counts(sim, prompt):
+    want = _post(sim, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    ev = _aborted(TokenizerRegistry(models={MODEL: "llama3"}), "/v1/completions",
+                  {"model": MODEL, "prompt": prompt}, TEXT_CHUNK)
+    assert ev.prompt_tokens == want["usage"]["prompt_tokens"]
+    assert ev.token_source == TokenSource.TOKENIZER
+
+
+def test_add_generation_prompt_false_is_counted_as_the_simulator_does(sim):
+    messages = CHATS[1]
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                "add_generation_prompt": False})
+    ev = _aborted(TokenizerRegistry(models={MODEL: "llama3"}), "/v1/chat/completions",
+                  {"model": MODEL, "messages": messages, "add_generation_prompt": False}, CHAT_CHUNK)
+    assert ev.prompt_tokens == want["usage"]["prompt_tokens"]
+
+
+def test_a_model_directory_is_read_like_a_hugging_face_snapshot(sim, tmp_path):
+    """tokenizer.models may name a model directory (tokenizer.json + tokenizer_config.json)."""
+    (tmp_path / "tokenizer.json").write_bytes(Path(llama3_tokenizer_path()).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_bytes(Path(bundled_tokenizer_config("llama3")).read_bytes())
+    messages = CHATS[1]
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})
+    ev = _aborted(TokenizerRegistry(models={MODEL: str(tmp_path)}), "/v1/chat/completions",
+                  {"model": MODEL, "messages": messages}, CHAT_CHUNK)
+    assert ev.prompt_tokens == want["usage"]["prompt_tokens"] and ev.token_source == TokenSource.TOKENIZER
+
+
+def test_without_a_template_the_count_is_an_estimate_and_says_so(sim):
+    messages = CHATS[0]
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})
+    for models in ({MODEL: llama3_tokenizer_path()}, {}):  # the model's tokenizer.json alone; tiktoken
+        ev = _aborted(TokenizerRegistry(models=models), "/v1/chat/completions",
+                      {"model": MODEL, "messages": messages}, CHAT_CHUNK)
+        assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE
+        assert 0 < ev.prompt_tokens < want["usage"]["prompt_tokens"]
+
+
+def test_a_template_that_refuses_the_messages_falls_back_to_the_estimate(tmp_path, caplog):
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"chat_template": "{{ raise_exception('roles must alternate') }}"}))
+    (tmp_path / "tokenizer.json").write_bytes(Path(llama3_tokenizer_path()).read_bytes())
+    ev = _aborted(TokenizerRegistry(models={MODEL: str(tmp_path)}), "/v1/chat/completions",
+                  {"model": MODEL, "messages": CHATS[0]}, CHAT_CHUNK)
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE and ev.prompt_tokens > 0
+    assert "roles must alternate" in caplog.text
+
+
+def test_templates_run_sandboxed_and_bad_files_are_refused_clearly(tmp_path):
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"chat_template": "{{ messages.__class__.__mro__ }}"}))
+    with pytest.raises(ChatTemplateError):
+        load_chat_template(cfg).render([{"role": "user", "content": "x"}])
+    cfg.write_text(json.dumps({"chat_template": "{% for %}"}))
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        load_chat_template(cfg)
+    cfg.write_text("{not json")
+    with pytest.raises(ChatTemplateError, match="cannot read"):
+        load_chat_template(cfg)
+    cfg.write_text(json.dumps({"bos_token": "<s>"}))  # a base model: no template
+    assert load_chat_template(cfg) is None
+
+
+def test_a_broken_template_file_leaves_the_tokenizer_and_logs(tmp_path, caplog):
+    (tmp_path / "tokenizer.json").write_bytes(Path(llama3_tokenizer_path()).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    counter = TokenizerRegistry(models={MODEL: str(tmp_path)}).for_model(MODEL)
+    assert counter.own and counter.chat is None and "cannot load the chat template" in caplog.text
+
+
+def _post_status(sim: str, path: str, body: dict) -> tuple[int, dict]:
+    try:
+        return 200, _post(sim, path, body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_simulator_tokenize_counts_a_chat_as_its_chat_completions_does(sim, messages):
+    want = _post(sim, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 2})
+    got = _post(sim, "/tokenize", {"model": MODEL, "messages": messages})
+    assert got["count"] == len(got["tokens"]) == want["usage"]["prompt_tokens"]
+    assert got["max_model_len"] > 0 and got["token_strs"] is None
+
+
+@pytest.mark.parametrize("prompt", [p for p in PROMPTS if isinstance(p, str)])
+def test_simulator_tokenize_counts_a_prompt_as_its_completions_does(sim, prompt):
+    want = _post(sim, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    got = _post(sim, "/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True})
+    assert got["count"] == want["usage"]["prompt_tokens"] and got["tokens"][0] == 128000
+    assert len(got["token_strs"]) == got["count"]
+    bare = _post(sim, "/tokenize", {"prompt": prompt, "add_special_tokens": False})  # no model: the served one
+    assert bare["count"] == got["count"] - 1
+    assert _post(sim, "/detokenize", {"model": MODEL, "tokens": bare["tokens"]})["prompt"] == prompt
+
+
+def test_simulator_tokenize_refuses_what_vllm_refuses(sim):
+    status, body = _post_status(sim, "/tokenize", {"model": "other", "prompt": "x"})
+    assert status == 404 and "does not exist" in body["error"]["message"]
+    status, body = _post_status(sim, "/tokenize", {"messages": CHATS[0], "continue_final_message": True})
+    assert status == 400 and "Cannot set both" in body["error"]["message"]
+    status, body = _post_status(sim, "/tokenize", {"model": MODEL})
+    assert status == 400
+    status, body = _post_status(sim, "/detokenize", {"tokens": ["a"]})
+    assert status == 400

@@ -32,7 +32,7 @@ def test_json_answer_duration_and_counted_text(path, endpoint):
     _, ev, client, req = run(path, body, 200, [answer])
     assert req.request_body.response.body_mutation.WhichOneof("mutation") is None
     assert (ev.endpoint, ev.operation, ev.audio_seconds) == (endpoint, endpoint, 7)
-    assert ev.token_source == TokenSource.TOKENIZER and ev.prompt_tokens == 0
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE and ev.prompt_tokens == 0
     assert ev.completion_tokens == TOKENIZERS.for_model("m").count("Hello wörld, this is a test")
     assert ev.request_model == "m" and not ev.error
 

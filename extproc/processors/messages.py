@@ -16,7 +16,13 @@ from typing import Any
 import orjson
 
 from extproc.events import TokenSource, UsageEvent
-from extproc.processors.base import EndpointProcessor, Usage, _as_int, _error_message
+from extproc.processors.base import (
+    EndpointProcessor,
+    RecountRequest,
+    Usage,
+    _as_int,
+    _error_message,
+)
 from extproc.processors.responses import messages_text
 
 
@@ -172,7 +178,7 @@ class MessagesProcessor(EndpointProcessor):
         super().fill_event(ev)
         if self.usage is not None:
             ev.cache_creation_tokens = self._cache_creation
-        elif self._usage_seen and ev.token_source == TokenSource.TOKENIZER:
+        elif self._usage_seen and ev.token_source in (TokenSource.TOKENIZER, TokenSource.TOKENIZER_ESTIMATE):
             # message_start told the input exactly; only the output was counted
             ev.prompt_tokens = self._prompt()
             ev.cached_tokens, ev.cache_creation_tokens = self._cache_read, self._cache_creation
@@ -180,6 +186,11 @@ class MessagesProcessor(EndpointProcessor):
 
     def chat_messages(self) -> list[dict[str, Any]] | None:
         return openai_messages(self.request) if self.request else None
+
+    def recount_request(self) -> RecountRequest | None:
+        # message_start already told the input exactly: /tokenize would only replace it with
+        # a count of the converted chat
+        return None if self._usage_seen else super().recount_request()
 
     def prompt_text(self) -> str:
         return messages_text(openai_messages(self.request))

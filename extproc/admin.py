@@ -47,6 +47,7 @@ def build_admin_app(
     metrics: MetricsFn | None = None,
     extra_stats: Callable[[], dict[str, Any]] | None = None,
     worker_stats: Callable[[], dict[str, Any]] | None = None,
+    budgets: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> web.Application:
     app = web.Application()
 
@@ -96,7 +97,13 @@ def build_admin_app(
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         return _json({"report": q.get("report", "chargeback"), "by": by, "rows": rows})
 
+    async def get_budgets(_: web.Request) -> web.Response:
+        if budgets is None:
+            raise web.HTTPNotFound(text="no policy file configured (policy.file / --policy)\n")
+        return _json(await budgets())
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/budgets", get_budgets)
     app.router.add_get("/readyz", healthz)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/stats", get_stats)

@@ -59,6 +59,7 @@ class Sidecar:
         with_storage: bool = True,
         relay: EventSink | None = None,
         stats: SidecarStats | None = None,
+        prices: Any = None,
     ) -> None:
         self.settings = settings
         self.stats = stats if stats is not None else SidecarStats()
@@ -76,6 +77,10 @@ class Sidecar:
         self.service: ExtProcService | None = None
         self.workers: Any = None  # WorkerPool when grpc.workers > 1
         self._sweeper: asyncio.Task | None = None
+        # policy.file: virtual keys, budgets, rate limits (extproc.governance); `prices` is a
+        # price book with list_cost_micros, for budgets in USD
+        self._prices = prices
+        self.governance: Any = None
 
     async def start(self) -> None:
         try:
@@ -99,6 +104,8 @@ class Sidecar:
             await self._start_sinks()
         for sink in self.sinks:
             await sink.start()
+        if s.policy.file:
+            await self._start_governance()
         if s.grpc.workers > 1 and self._relay is None:
             from extproc.workers import WorkerPool
 
@@ -129,6 +136,16 @@ class Sidecar:
         self.sinks.append(self.telemetry)
         self.sinks.extend(self._extra_sinks)
 
+    async def _start_governance(self) -> None:
+        from extproc.governance.runtime import Governance
+
+        self.governance = Governance(self.settings, prices=self._prices)
+        await self.governance.start(self.storage)
+        if self.telemetry is not None:
+            from extproc.governance.metrics import register
+
+            register(self.telemetry.provider.get_meter("extproc.governance"), self.governance)
+
     async def _start_grpc(self) -> None:
         s = self.settings
         tokenizers = TokenizerRegistry(s.tokenizer.default_encoding, s.tokenizer.models)
@@ -138,6 +155,7 @@ class Sidecar:
             ProcessorContext(tokenizers, force_include_usage=s.usage.force_include_usage),
             self.sinks,
             self.stats,
+            governor=self.governance.governor if self.governance is not None else None,
         )
         self.service = service
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="extproc-sweep")
@@ -161,6 +179,7 @@ class Sidecar:
             metrics=self.telemetry.render_prometheus if self.telemetry.prometheus else None,
             extra_stats=self._storage_stats,
             worker_stats=self.workers.stats_view if self.workers is not None else None,
+            budgets=self.governance.report if self.governance is not None else None,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
 
@@ -189,6 +208,8 @@ class Sidecar:
             self.service.sweep_pending(max_age_s=0)  # nothing waits for a stream that cannot come
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.governance is not None:
+            await self.governance.stop()  # settlements in flight reach the ledger first
         for sink in self.sinks:
             try:
                 await sink.shutdown(30.0)

@@ -6,13 +6,16 @@ It turns ext_proc messages into answers and, at the end, into exactly one UsageE
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import time
+from typing import Any
 
 from extproc import wire
 from extproc.events import TokenSource, UsageEvent
+from extproc.governance.governor import Admission, Governor, Identity, Refusal
 from extproc.labels import Attribution
 from extproc.processors import EndpointProcessor, ProcessorContext, RequestError, processor_for
 from extproc.stats import SidecarStats
@@ -26,10 +29,11 @@ RESPONSE_HEADERS = frozenset((":status", "content-type", "content-length"))
 
 
 @functools.cache
-def _request_headers(attribution: Attribution) -> frozenset[str]:
+def _request_headers(attribution: Attribution, keys: bool = False) -> frozenset[str]:
     """Request headers the sidecar reads: routing, request id, pairing, and the labels (once
-    per Attribution, not per request)."""
-    return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names))
+    per Attribution, not per request); with a policy, the client's key too."""
+    extra = ("authorization", "x-api-key") if keys else ()
+    return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names, *extra))
 
 
 # Whitespace may precede either framing; these bytes are what vLLM's JSON bodies start with.
@@ -60,13 +64,20 @@ class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
         "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
-        "response_started", "response_code", "_framing_pending",
+        "response_started", "response_code", "_framing_pending", "_governor", "identity", "admission",
+        "refused",
     )
 
-    def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
+    def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats,
+                 governor: Governor | None = None) -> None:
         self._attribution = attribution
         self._ctx = ctx
-        self._request_headers = _request_headers(attribution)
+        self._governor = governor
+        # Virtual key, budgets and rate limits (extproc/governance): who, and what was reserved.
+        self.identity: Identity | None = None
+        self.admission: Admission | None = None
+        self.refused: Refusal | None = None
+        self._request_headers = _request_headers(attribution, governor is not None)
         self._stats = stats
         self.event = UsageEvent(start_time_unix_nano=time.time_ns())
         self.start_mono = time.monotonic_ns()
@@ -112,6 +123,17 @@ class Exchange:
         ev.request_id = headers.get("x-request-id", "")
         ev.labels.update(self._attribution.labels(headers))
         self.processor = processor_for(ev.method, ev.path, self._ctx)
+        if self._governor is not None:
+            refusal = self._identify(headers)
+            if refusal is not None:
+                return self._refuse(refusal)
+        resp = self._request_headers_answer(msg)
+        if self.identity is not None:
+            resp = wire.with_request_header_mutation(resp, *self._governor.upstream_headers())
+        return resp
+
+    def _request_headers_answer(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        ev = self.event
         request_only = self.role == "request"
         if self.processor is None:
             ev.endpoint = "unknown"
@@ -128,6 +150,68 @@ class Exchange:
             self.correlation_id = os.urandom(16).hex()
             return wire.add_request_header_response(CORRELATION_HEADER, self.correlation_id)
         return wire.continue_response(wire.REQUEST_HEADERS)
+
+    # -- governance: virtual keys, budgets, rate limits ---------------------------------------
+
+    def _identify(self, headers: dict[str, str]) -> Refusal | None:
+        gov = self._governor
+        found = gov.identify(headers)
+        if isinstance(found, Refusal):
+            return found
+        self.identity = found
+        gov.apply_labels(found, self.event.labels, self._attribution.unattributed)
+        return None
+
+    def _refuse(self, refusal: Refusal) -> wire.ProcessingResponse:
+        """Envoy answers the client; the request never reaches the upstream. The event says why
+        nothing was served."""
+        self.refused = refusal
+        self.request_done = self.response_done = self.response_started = True
+        self.event.http_status = refusal.status
+        p = self.processor
+        if p is not None:
+            p.error, p.error_detail = refusal.reason, refusal.message[:500]
+            p.response_complete = True
+        else:
+            self.event.error, self.event.error_detail = refusal.reason, refusal.message[:500]
+        log.info("request %s refused (%d %s): %s", self.event.request_id, refusal.status, refusal.reason,
+                 refusal.message)
+        return wire.immediate_error(refusal.status, refusal.message, error_type=refusal.error_type,
+                                    code=refusal.code, headers=refusal.headers)
+
+    def _admit(self, p: EndpointProcessor, answer: wire.ProcessingResponse) -> Any:
+        """Reserve the request's worst case; `answer` goes to Envoy if admitted. Returns the
+        answer, or a future of it when the ledger is remote."""
+        gov = self._governor
+        req = p.request
+        max_tokens = req.get("max_completion_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            max_tokens = req.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            max_tokens = None
+        ctx = self._ctx
+
+        def prompt_tokens() -> int:
+            return ctx.tokenizers.for_model(p.request_model).count(p.prompt_text())
+
+        plan = gov.plan(self.identity, self.event.labels, p.request_model, prompt_tokens, max_tokens, p.n)
+        decision = gov.admit(plan)
+        if isinstance(decision, Admission | Refusal):
+            return self._decided(decision, answer)
+        fut = asyncio.ensure_future(decision)
+        return _chain(fut, lambda d: self._decided(d, answer), self._admission_failed, answer)
+
+    def _decided(self, decision: Admission | Refusal, answer: wire.ProcessingResponse) -> wire.ProcessingResponse:
+        if isinstance(decision, Refusal):
+            return self._refuse(decision)
+        self.admission = decision
+        if self._finished:  # the stream ended while the ledger answered: release at once
+            self._governor.settle(decision, self.event)
+        return answer
+
+    def _admission_failed(self, exc: BaseException) -> None:
+        self._stats.errors["admission"] += 1
+        log.error("admission of request %s failed: %r; let through", self.event.request_id, exc)
 
     def adopt_response_side(self) -> None:
         """This exchange's request was handled by a "request" stream; a "response" stream in
@@ -151,9 +235,11 @@ class Exchange:
             p.error, p.error_detail = exc.kind, exc.detail
             log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)
             return wire.continue_response(wire.REQUEST_BODY)
-        if replacement is None:
-            return wire.continue_response(wire.REQUEST_BODY)
-        return wire.replace_request_body(replacement)
+        answer = (wire.continue_response(wire.REQUEST_BODY) if replacement is None
+                  else wire.replace_request_body(replacement))
+        if self.identity is not None and not self.observe:
+            return self._admit(p, answer)
+        return answer
 
     def _on_response_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
         self.response_started = True
@@ -234,4 +320,28 @@ class Exchange:
         except Exception as exc:  # a bug in counting must still leave an event behind
             log.exception("filling event for request %s", ev.request_id)
             ev.error, ev.error_detail = "internal_error", f"fill_event: {exc!r}"[:500]
+        if self.admission is not None:
+            try:
+                self._governor.settle(self.admission, ev)
+            except Exception:  # settling must not cost the event
+                self._stats.errors["settle"] += 1
+                log.exception("settling request %s", ev.request_id)
         return ev
+
+
+def _chain(fut: asyncio.Future, then: Any, failed: Any, fallback: wire.ProcessingResponse) -> asyncio.Future:
+    """A future of `then(result)`; on failure, `failed(exc)` and `fallback` (never an exception
+    into the transport)."""
+    out: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future) -> None:
+        if out.cancelled():
+            return
+        try:
+            out.set_result(then(f.result()))
+        except BaseException as exc:  # noqa: BLE001 - answered regardless
+            failed(exc)
+            out.set_result(fallback)
+
+    fut.add_done_callback(done)
+    return out

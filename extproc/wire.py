@@ -90,6 +90,21 @@ def add_request_header_response(key: str, value: str) -> ProcessingResponse:
     )
 
 
+def with_request_header_mutation(resp: ProcessingResponse, set_headers: dict[str, str],
+                                 remove: tuple[str, ...] = ()) -> ProcessingResponse:
+    """A copy of a request-headers answer that also sets and removes headers on the request
+    (the shared singletons are never changed)."""
+    out = ProcessingResponse()
+    out.CopyFrom(resp)
+    mutation = out.request_headers.response.header_mutation
+    for k, v in set_headers.items():
+        mutation.set_headers.append(pb.HeaderValueOption(
+            header=pb.HeaderValue(key=k, raw_value=v.encode()),
+            append_action=pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+    mutation.remove_headers.extend(h for h in remove if h not in set_headers)
+    return out
+
+
 def replace_request_body(body: bytes) -> ProcessingResponse:
     """BUFFERED request body replaced whole; content-length must follow the new size."""
     length = pb.HeaderValueOption(

@@ -484,6 +484,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _deliver_inline(self, s: Stream, msg: Any) -> bool:
         """Inline mode: answer in the same data_received, no task hop. False: stream is over."""
+        if s.deferred is not None:  # an earlier answer is still coming: keep the order
+            s.queue.append((msg, 0))
+            return True
         try:
             resp = s.session.on_message(msg)
         except Exception as exc:
@@ -492,6 +495,13 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         if s.closed:
             return False
+        if isinstance(resp, asyncio.Future):
+            s.deferred = resp
+            resp.add_done_callback(lambda fut, s=s: self._deferred_done(s, fut))
+            return True
+        return self._answered(s, resp)
+
+    def _answered(self, s: Stream, resp: Any) -> bool:
         if resp is not None:
             self.send_message(s, self.server.serialize(resp))
         if s.session.finished:
@@ -499,12 +509,32 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         return True
 
+    def _deferred_done(self, s: Stream, fut: asyncio.Future[Any]) -> None:
+        s.deferred = None
+        if s.closed or self.closed or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("ext_proc session's deferred answer failed on stream %d: %r", s.id, exc)
+            self.finish(s, g.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            return
+        if not self._answered(s, fut.result()):
+            return
+        while s.queue and s.deferred is None:
+            msg, _ = s.queue.popleft()
+            if not self._deliver_inline(s, msg):
+                return
+        if s.remote_closed and not s.queue and s.deferred is None and not s.closed:
+            self.finish(s, g.OK)
+
     def _remote_end(self, s: Stream) -> None:
         s.remote_closed = True
         if s.buf:
             self.fail_stream(s, g.INTERNAL, "stream ended inside a message")
             return
         if s.session is not None:
+            if s.deferred is not None or s.queue:
+                return  # the deferred answer, then what waits behind it, go first
             self.finish(s, g.OK)  # the client is done sending; the session closes with it
             return
         s.wake()

@@ -75,7 +75,7 @@ class Stream:
         "conn", "id", "headers", "task", "queue", "queued", "waiter", "buf",
         "remote_closed", "closed", "reset", "headers_sent",
         "send_window", "recv_window", "credit_owed", "pending", "pending_trailers",
-        "drain_waiter", "deadline", "session",
+        "drain_waiter", "deadline", "session", "deferred",
     )
 
     def __init__(self, conn: Connection, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -100,6 +100,9 @@ class Stream:
         self.deadline: asyncio.TimerHandle | None = None
         # Inline mode: a session object called from data_received instead of a handler task.
         self.session: Any = None
+        # Inline mode: an answer the session gives later (a future); messages arriving
+        # meanwhile wait in `queue`, in order.
+        self.deferred: asyncio.Future[Any] | None = None
 
     def wake(self) -> None:
         w = self.waiter

@@ -102,10 +102,17 @@ class Policy:
     def has_hard_budgets(self) -> bool:
         return any(b.hard for b in self.budgets)
 
-    @property
-    def enforces(self) -> bool:
-        """Anything that answers requests (rather than only attributing them)."""
-        return bool(self.require_key or self.has_hard_budgets or self.rate_limits or self.keys)
+    def observe_conflicts(self) -> list[str]:
+        """What this policy needs of the request path that observe mode cannot give (Envoy does
+        not wait for the sidecar's answers there, so nothing can be refused or removed)."""
+        out = []
+        if self.has_hard_budgets:
+            out.append("hard budgets (a 429 before the upstream is called)")
+        if self.rate_limits:
+            out.append("rate limits (a 429 before the upstream is called)")
+        if self.require_key or self.keys:
+            out.append("virtual keys (a 401 for unknown keys, and the key removed before vLLM)")
+        return out
 
 
 def _line(node: yaml.Node) -> int:

@@ -1,0 +1,177 @@
+"""End to end with the official openai SDK -> real Envoy -> sidecar with a policy file ->
+simulator that refuses any request not carrying the upstream key (so no virtual key may reach
+it): attribution by key over spoofed headers, 401 for unknown keys, 429 RateLimitError for a team
+past its hard budget and for a rate limit, soft-budget webhooks once per threshold, and the
+budget report (admin API and `extproc budgets show`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import openai
+import pytest
+
+from extproc.cli import main
+from extproc.governance.policy import hash_key
+from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, start_sim, wait_events
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+UPSTREAM_KEY = "sk-vllm-upstream"
+KEYS = {"search": "sk-e2e-search", "ads": "sk-e2e-ads", "web": "sk-e2e-web", "bot": "sk-e2e-bot"}
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        self.arrived = threading.Event()
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                hooks.posts.append(json.loads(body))
+                hooks.arrived.set()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None: ...
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 10) -> list[dict]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count and time.monotonic() < deadline:
+            self.arrived.wait(0.1)
+            self.arrived.clear()
+        return self.posts
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e-gov")
+    hooks = Hooks()
+    policy = work / "policy.yaml"
+    policy.write_text(
+        "keys:\n"
+        f'  - sha256: "{hash_key(KEYS["search"])}"\n    team: search\n    feature: ranking\n'
+        f'  - sha256: "{hash_key(KEYS["ads"])}"\n    team: ads\n'
+        f'  - sha256: "{hash_key(KEYS["web"])}"\n    team: web\n'
+        f'  - sha256: "{hash_key(KEYS["bot"])}"\n    team: bots\n    name: bot\n'
+        "budgets:\n"
+        "  - team: ads\n    period: month\n    limit_tokens: 200\n    hard: true\n"
+        f"  - team: web\n    period: day\n    limit_tokens: 100\n    webhook: {hooks.url}\n"
+        "rate_limits:\n"
+        "  - key: bot\n    requests_per_minute: 2\n"
+        "require_key: false\n")
+    sim, sim_url = start_sim(work, "--api-key", UPSTREAM_KEY)
+    rec = RecordingSink()
+    settings = sidecar_settings(work, policy={"file": str(policy), "upstream_key": UPSTREAM_KEY,
+                                              "default_max_tokens": 64})
+    sc = ThreadedSidecar(settings, extra_sinks=[rec]).start()
+    envoy, url, _admin = start_envoy(work, sim_url, sc.sidecar.grpc_port)
+
+    class Stack:
+        pass
+
+    s = Stack()
+    s.url, s.sim_url, s.rec, s.sidecar, s.hooks, s.policy = url, sim_url, rec, sc, hooks, policy
+    yield s
+    envoy.stop()
+    sc.stop()
+    sim.stop()
+    hooks.server.shutdown()
+
+
+def _client(stack, key: str, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, default_headers=headers)
+
+
+def _chat(client: openai.OpenAI, max_tokens: int = 8, stream: bool = False):  # noqa: ANN202
+    msgs = [{"role": "user", "content": "Say something short."}]
+    if stream:
+        return list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=max_tokens, stream=True))
+    return client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=max_tokens)
+
+
+def test_the_simulator_refuses_a_request_carrying_a_client_key(stack):
+    req = urllib.request.Request(f"{stack.sim_url}/v1/models", headers={"Authorization": f"Bearer {KEYS['search']}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=5)
+    assert info.value.code == 401
+
+
+def test_spoofed_team_header_is_attributed_to_the_keys_team(stack):
+    client = _client(stack, KEYS["search"], **{"x-team": "ads", "x-user": "spoofer"})
+    resp = _chat(client)
+    assert resp.usage.total_tokens > 0  # served: the simulator saw the upstream key, not ours
+    _chat(client, stream=True)
+    events = wait_events(stack.rec, "spoofer", 2)
+    assert {e.labels["team"] for e in events} == {"search"} and {e.labels["feature"] for e in events} == {"ranking"}
+    assert all(e.http_status == 200 and not e.error for e in events)
+    gov = stack.sidecar.sidecar.governance.governor
+    assert gov.stats.labels_overridden["team"] >= 2
+
+
+def test_unknown_key_gets_401_authentication_error(stack):
+    client = _client(stack, "sk-not-a-key", **{"x-user": "stranger"})
+    with pytest.raises(openai.AuthenticationError) as info:
+        _chat(client)
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    assert wait_events(stack.rec, "stranger", 1)[0].error == "unknown_key"
+
+
+def test_a_team_past_its_hard_budget_gets_429_rate_limit_error(stack):
+    client = _client(stack, KEYS["ads"], **{"x-user": "ads-user"})
+    served = 0
+    with pytest.raises(openai.RateLimitError) as info:
+        for _ in range(20):
+            _chat(client, max_tokens=30)
+            served += 1
+    assert 1 <= served < 20
+    err = info.value
+    assert err.status_code == 429 and err.code == "budget_exceeded"
+    assert int(err.response.headers["retry-after"]) > 0
+    events = wait_events(stack.rec, "ads-user", served + 1)
+    assert sum(e.total_tokens for e in events) <= 200 and events[-1].error == "budget_exceeded"
+
+
+def test_a_rate_limited_key_gets_429_with_x_ratelimit_headers(stack):
+    client = _client(stack, KEYS["bot"], **{"x-user": "bot-user"})
+    _chat(client)
+    _chat(client)
+    with pytest.raises(openai.RateLimitError) as info:
+        _chat(client)
+    h = info.value.response.headers
+    assert info.value.code == "rate_limit_exceeded"
+    assert h["x-ratelimit-limit-requests"] == "2" and h["x-ratelimit-remaining-requests"] == "0"
+    assert h["x-ratelimit-reset-requests"] and int(h["retry-after"]) >= 1
+
+
+def test_a_soft_budget_webhook_fires_once_per_threshold(stack):
+    client = _client(stack, KEYS["web"], **{"x-user": "web-user"})
+    for _ in range(12):  # far past 100 % of 100 tokens: never refused
+        _chat(client, max_tokens=8)
+    posts = stack.hooks.wait(3)
+    assert [p["threshold_pct"] for p in posts] == [50, 80, 100]
+    assert {p["scope"] for p in posts} == {"team=web"} and all(p["period"] == "day" for p in posts)
+    _chat(client, max_tokens=8)
+    assert len(stack.hooks.wait(4, timeout=1)) == 3  # nothing more this period
+
+
+def test_budgets_report_admin_api_and_cli(stack, capsys):
+    admin = f"http://127.0.0.1:{stack.sidecar.sidecar.admin_port}"
+    with urllib.request.urlopen(f"{admin}/v1/budgets", timeout=5) as r:
+        data = json.loads(r.read())
+    rows = {b["scope"]: b for b in data["budgets"]}
+    assert set(rows) == {"team=ads", "team=web"} and rows["team=ads"]["limit"] == 200
+    assert rows["team=ads"]["spent"] + rows["team=ads"]["remaining"] == 200
+    assert main(["budgets", "show", "--admin-url", admin]) == 0
+    out = capsys.readouterr().out
+    assert "team=ads" in out and "hard" in out and "%" in out and "#" in out

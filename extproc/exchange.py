@@ -125,10 +125,13 @@ class Exchange:
         self.processor = processor_for(ev.method, ev.path, self._ctx)
         if self._governor is not None:
             refusal = self._identify(headers)
-            if refusal is not None:
+            if refusal is not None and not self.observe:
                 return self._refuse(refusal)
+            if self.observe:  # Envoy does not wait for answers: attribution only, counted
+                self._stats.errors["policy_not_enforced_observe_mode"] += 1
         resp = self._request_headers_answer(msg)
-        if self.identity is not None:
+        ident = self.identity
+        if ident is not None and (ident.key is not None or self._governor.upstream_key):
             resp = wire.with_request_header_mutation(resp, *self._governor.upstream_headers())
         return resp
 
@@ -166,6 +169,7 @@ class Exchange:
         """Envoy answers the client; the request never reaches the upstream. The event says why
         nothing was served."""
         self.refused = refusal
+        self._governor.stats.refused[refusal.reason] += 1
         self.request_done = self.response_done = self.response_started = True
         self.event.http_status = refusal.status
         p = self.processor

@@ -6,6 +6,7 @@ dicts and bytes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -93,7 +94,18 @@ def add_request_header_response(key: str, value: str) -> ProcessingResponse:
 def with_request_header_mutation(resp: ProcessingResponse, set_headers: dict[str, str],
                                  remove: tuple[str, ...] = ()) -> ProcessingResponse:
     """A copy of a request-headers answer that also sets and removes headers on the request
-    (the shared singletons are never changed)."""
+    (the shared singletons are never changed; the plain CONTINUE's copy is made once)."""
+    if resp is _CONTINUE[REQUEST_HEADERS]:
+        return _continue_with_mutation(tuple(set_headers.items()), remove)
+    return _mutated(resp, set_headers, remove)
+
+
+@functools.cache
+def _continue_with_mutation(set_headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> ProcessingResponse:
+    return _mutated(_CONTINUE[REQUEST_HEADERS], dict(set_headers), remove)
+
+
+def _mutated(resp: ProcessingResponse, set_headers: dict[str, str], remove: tuple[str, ...]) -> ProcessingResponse:
     out = ProcessingResponse()
     out.CopyFrom(resp)
     mutation = out.request_headers.response.header_mutation

@@ -16,7 +16,14 @@ import pytest
 
 from extproc.cli import main
 from extproc.governance.policy import hash_key
-from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, start_sim, wait_events
+from tests.stack import (
+    RecordingSink,
+    ThreadedSidecar,
+    sidecar_settings,
+    start_envoy,
+    start_sim,
+    wait_events,
+)
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_KEY = "sk-vllm-upstream"

@@ -201,3 +201,21 @@ async def test_50_concurrent_requests_on_a_nearly_spent_budget_overshoot_at_most
     assert 1 <= len(admitted) <= 3
     assert gov.ledger.value(key) <= limit + reservation
     assert gov.stats.refused["budget_exceeded"] == 50 - len(admitted)
+
+
+async def test_observe_mode_attributes_by_key_but_refuses_nothing_and_says_so():
+    gov = governor(policy_text("  - team: search\n    limit_tokens: 1\n    hard: true\n", require_key=True))
+    service, rec = service_with(gov)
+    for key in (KEY_SEARCH, "sk-unknown", None):
+        session = service.open_stream()
+        msgs = [m.request_headers(**({"authorization": f"Bearer {key}"} if key else {}), x_team="ads"),
+                m.body(chat_body(), eos=True),
+                m.body(b'{"model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,'
+                       b'"total_tokens":12}}', response=True, eos=True, code=200)]
+        for msg in msgs:
+            msg.observability_mode = True
+            assert session.on_message(msg) is None  # Envoy ignores answers: none are given
+        session.close()
+    assert [e.labels["team"] for e in rec.events] == ["search", "ads", "ads"]
+    assert all(e.total_tokens == 12 and not e.error for e in rec.events)  # metered, not refused
+    assert not gov.stats.refused and service.stats.errors["policy_not_enforced_observe_mode"] == 3

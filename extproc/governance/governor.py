@@ -49,7 +49,7 @@ class GovernanceStats:
     settle_errors: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Identity:
     key: KeyEntry | None
 
@@ -130,6 +130,8 @@ class Governor:
         self._tasks: set[asyncio.Task[Any]] = set()
         # last value seen of each budget counter (for metrics and reports without a round trip)
         self.known: dict[str, int] = {}
+        # (policy, time the next period starts, rows by id(budget)): see budget_keys
+        self._compiled: tuple[Policy, float, dict[int, list[Any]]] | None = None
 
     # -- who ---------------------------------------------------------------------------------
 
@@ -200,21 +202,13 @@ class Governor:
         worst_out = tokens - prompt
         needs_usd = any(b.limit_micros is not None for b in matched)
         micros = self._cost(model, prompt, 0, worst_out, 0) if needs_usd else 0
-        now = self._clock()
         counters: list[Counter] = []
         units: list[str] = []
         budgets: list[Budget] = []
-        for b in matched:
-            start, end = period_bounds(b.period, now)
-            base = f"b:{b.scope.name}:{b.period}:{start}"
-            if b.limit_tokens is not None:
-                counters.append(Counter(base + ":tokens", b.limit_tokens, tokens, b.hard, end + COUNTER_GRACE_S))
-                units.append("tokens")
-                budgets.append(b)
-            if b.limit_micros is not None:
-                counters.append(Counter(base + ":usd", b.limit_micros, micros, b.hard, end + COUNTER_GRACE_S))
-                units.append("usd")
-                budgets.append(b)
+        for b, unit, key, limit, _start, end in self.budget_keys(matched):
+            counters.append(Counter(key, limit, micros if unit == "usd" else tokens, b.hard, end + COUNTER_GRACE_S))
+            units.append(unit)
+            budgets.append(b)
         buckets: list[Bucket] = []
         bucket_units: list[str] = []
         for r in limits:
@@ -271,7 +265,6 @@ class Governor:
 
     def _refuse(self, status: int, reason: str, message: str, error_type: str, code: str,
                 headers: dict[str, str] | None = None) -> Refusal:
-        self.stats.refused[reason] += 1
         return Refusal(status, reason, message, error_type, code, headers or {})
 
     # -- settlement ---------------------------------------------------------------------------
@@ -355,17 +348,27 @@ class Governor:
 
     # -- reports ------------------------------------------------------------------------------
 
-    def budget_keys(self) -> list[tuple[Budget, str, str, int, int, int]]:
+    def budget_keys(self, only: list[Budget] | None = None) -> list[tuple[Budget, str, str, int, int, int]]:
+        """(budget, unit, ledger key, limit, period start, period end) for this period, per
+        budget (of `only`, else all), computed once per policy and period."""
         now = self._clock()
-        out = []
-        for b in self.policy.budgets:
-            start, end = period_bounds(b.period, now)
-            base = f"b:{b.scope.name}:{b.period}:{start}"
-            if b.limit_tokens is not None:
-                out.append((b, "tokens", base + ":tokens", b.limit_tokens, start, end))
-            if b.limit_micros is not None:
-                out.append((b, "usd", base + ":usd", b.limit_micros, start, end))
-        return out
+        cached = self._compiled
+        if cached is None or cached[0] is not self.policy or now >= cached[1]:
+            rows: dict[int, list[tuple[Budget, str, str, int, int, int]]] = {}
+            next_change = float("inf")
+            for i, b in enumerate(self.policy.budgets):
+                start, end = period_bounds(b.period, now)
+                next_change = min(next_change, end)
+                base = f"b:{b.scope.name}:{b.period}:{start}"
+                rows[i] = []
+                if b.limit_tokens is not None:
+                    rows[i].append((b, "tokens", base + ":tokens", b.limit_tokens, start, end))
+                if b.limit_micros is not None:
+                    rows[i].append((b, "usd", base + ":usd", b.limit_micros, start, end))
+            by_budget = {id(b): rows[i] for i, b in enumerate(self.policy.budgets)}
+            cached = self._compiled = (self.policy, next_change, by_budget)
+        table = cached[2]
+        return [row for b in (self.policy.budgets if only is None else only) for row in table[id(b)]]
 
     async def spend(self) -> list[Spend]:
         rows = self.budget_keys()

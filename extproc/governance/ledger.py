@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 COUNTER_GRACE_S = 86_400
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Counter:
     """A period budget: `amount` is added; refused when hard and it would pass `limit`."""
 
@@ -28,7 +28,7 @@ class Counter:
     expires_at: int  # Unix seconds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bucket:
     """A token bucket of `capacity` per minute, refilled continuously."""
 

@@ -62,9 +62,12 @@ class Scope:
                 and (not self.user or labels.get("user") == self.user)
                 and (not self.key or self.key in keys))
 
-    @property
-    def name(self) -> str:
-        return ",".join(f"{f}={getattr(self, f)}" for f in SCOPE_FIELDS if getattr(self, f))
+    # "team=search,feature=ranking": in ledger keys, reports and messages (set once, below)
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        name = ",".join(f"{f}={getattr(self, f)}" for f in SCOPE_FIELDS if getattr(self, f))
+        object.__setattr__(self, "name", name)
 
 
 @dataclass(frozen=True, slots=True)

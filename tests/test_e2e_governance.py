@@ -182,3 +182,40 @@ def test_budgets_report_admin_api_and_cli(stack, capsys):
     assert main(["budgets", "show", "--admin-url", admin]) == 0
     out = capsys.readouterr().out
     assert "team=ads" in out and "hard" in out and "%" in out and "#" in out
+
+
+def test_policy_reload_without_restart_and_a_broken_file_keeps_the_last_good_one(stack):
+    import time
+
+    original = stack.policy.read_text()
+    admin = f"http://127.0.0.1:{stack.sidecar.sidecar.admin_port}"
+    try:
+        stack.policy.write_text(original.replace(
+            "budgets:\n", f'  - sha256: "{hash_key("sk-e2e-new")}"\n    team: newteam\nbudgets:\n'))
+        deadline = time.monotonic() + 15
+        while True:  # the watcher checks every policy.reload_interval_ms
+            try:
+                _chat(_client(stack, "sk-e2e-new", **{"x-user": "new-user"}))
+                break
+            except openai.AuthenticationError:
+                assert time.monotonic() < deadline, "new key not picked up"
+                time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not (served := [e for e in stack.rec.events if e.labels.get("user") == "new-user" and not e.error]):
+            assert time.monotonic() < deadline, "no event for the served request"
+            time.sleep(0.02)
+        assert [e.labels["team"] for e in served] == ["newteam"]  # the tries before: 401, unknown_key
+        stack.policy.write_text(original + "budgets: [oops\n")
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(f"{admin}/v1/budgets", timeout=5) as r:
+                data = json.loads(r.read())
+            if data["last_reload_error"]:
+                break
+            assert time.monotonic() < deadline, "broken reload not reported"
+            time.sleep(0.2)
+        assert "policy.yaml" in data["last_reload_error"]
+        # the last good policy (with the new key) still serves
+        assert _chat(_client(stack, "sk-e2e-new", **{"x-user": "new-user-2"})).usage.total_tokens > 0
+    finally:
+        stack.policy.write_text(original)

@@ -164,3 +164,26 @@ async def test_soft_alerts_fire_once_per_threshold_across_replicas(redis_proc):
     assert sorted(x["threshold_pct"] for x in alerts_a + alerts_b) == [50, 80, 100]
     for g in (a, b):
         await g.ledger.close()
+
+
+async def test_a_hung_redis_times_out_into_the_failure_policy(redis_proc):
+    """SIGSTOP: the socket stays open and nothing answers; the call times out (policy
+    redis_timeout_ms) and the request is decided on local state instead of hanging."""
+    import os
+    import signal
+    import time
+
+    gov = governor(policy_text(HARD.format(limit=1000)), _ledger(redis_proc.url, on_failure="open"))
+    service, rec = service_with(gov)
+    await request(service, KEY_SEARCH, chat_body())  # connected
+    os.kill(redis_proc.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        out = await request(service, KEY_SEARCH, chat_body(), usage=(5, 7))
+        took = time.monotonic() - t
+    finally:
+        os.kill(redis_proc.proc.pid, signal.SIGCONT)
+    assert out[1].WhichOneof("response") == "request_body" and took < 3.0  # 0.5 s timeout, loaded box
+    assert gov.ledger.fallbacks >= 1 and rec.events[-1].total_tokens == 12
+    await gov.drain()
+    await gov.ledger.close()

@@ -98,6 +98,10 @@ class Sidecar:
         # default 5 ms switch interval turned into request latency spikes (bench: p99 at 10
         # clients 14.4 -> 10.2 ms, RPS 2420 -> 2961 with 0.5 ms).
         sys.setswitchinterval(0.0005)
+        if s.policy.file:  # a bad policy file stops the start before storage is opened
+            from extproc.governance.runtime import Governance
+
+            self.governance = Governance(s, prices=self._prices)
         if self._relay is not None:
             self.sinks.append(self._relay)
         else:
@@ -137,9 +141,6 @@ class Sidecar:
         self.sinks.extend(self._extra_sinks)
 
     async def _start_governance(self) -> None:
-        from extproc.governance.runtime import Governance
-
-        self.governance = Governance(self.settings, prices=self._prices)
         await self.governance.start(self.storage)
         if self.telemetry is not None:
             from extproc.governance.metrics import register

@@ -188,11 +188,15 @@ class Exchange:
         answer, or a future of it when the ledger is remote."""
         gov = self._governor
         req = p.request
-        max_tokens = req.get("max_completion_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            max_tokens = req.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            max_tokens = None
+        max_tokens: int | None = None
+        if p.endpoint == "embeddings":
+            max_tokens = 0  # input tokens only
+        else:  # chat, completions, and the Responses API's spelling
+            for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+                value = req.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    max_tokens = value
+                    break
         ctx = self._ctx
 
         def prompt_tokens() -> int:

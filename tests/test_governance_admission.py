@@ -219,3 +219,28 @@ async def test_observe_mode_attributes_by_key_but_refuses_nothing_and_says_so():
     assert [e.labels["team"] for e in rec.events] == ["search", "ads", "ads"]
     assert all(e.total_tokens == 12 and not e.error for e in rec.events)  # metered, not refused
     assert not gov.stats.refused and service.stats.errors["policy_not_enforced_observe_mode"] == 3
+
+
+async def test_worst_case_uses_the_output_cap_the_request_sets_else_the_default():
+    gov = governor(policy_text("  - team: search\n    limit_tokens: 100000\n    hard: true\n"),
+                   default_max_tokens=300)
+    service, _ = service_with(gov)
+    key = gov.budget_keys()[0][2]
+
+    async def reserved(body: bytes, path: str = "/v1/chat/completions") -> int:
+        session = service.open_stream()
+        session.on_message(m.request_headers(path, authorization=f"Bearer {KEY_SEARCH}"))
+        before = gov.ledger.value(key)
+        session.on_message(m.body(body, eos=True))
+        amount = gov.ledger.value(key) - before
+        session.close()
+        return amount
+
+    import orjson
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    prompt = await reserved(orjson.dumps({**chat, "max_tokens": 0})) - 300  # no cap given: default
+    assert await reserved(orjson.dumps(chat)) == prompt + 300
+    assert await reserved(orjson.dumps({**chat, "max_completion_tokens": 20, "max_tokens": 99})) == prompt + 20
+    assert await reserved(orjson.dumps({**chat, "max_tokens": 20, "n": 3})) == prompt + 60
+    emb = await reserved(orjson.dumps({"model": "m", "input": "hi there"}), "/v1/embeddings")
+    assert 0 < emb < 10  # input only: nothing reserved for output

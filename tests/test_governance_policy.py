@@ -130,3 +130,14 @@ def test_periods_are_calendar_aligned_in_utc():
     assert period_bounds("day", t) == (1_764_806_400, 1_764_892_800)
     assert period_bounds("week", t) == (1_764_547_200, 1_765_152_000)  # Monday 2025-12-01
     assert period_bounds("month", t) == (1_764_547_200, 1_767_225_600)  # Dec 1 -> Jan 1
+
+
+def test_serve_with_a_duplicate_key_hash_exits_2_naming_the_line(tmp_path, capsys):
+    f = tmp_path / "policy.yaml"
+    f.write_text(f'keys:\n  - sha256: "{H1}"\n    team: a\n  - sha256: "{H1}"\n    team: b\n')
+    code = main(["serve", "--policy", str(f), "--listen", "127.0.0.1:0", "--admin-port", "0",
+                 "--data-dir", str(tmp_path / "data"), "--log-level", "ERROR"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{f}:4: duplicate key hash (first on line 2)" in err
+    assert not (tmp_path / "data").exists()  # refused before storage was opened

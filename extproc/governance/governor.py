@@ -173,7 +173,9 @@ class Governor:
     # -- admission ---------------------------------------------------------------------------
 
     def estimate_tokens(self, prompt_tokens: int, max_tokens: int | None, n: int) -> int:
-        out = max_tokens if max_tokens is not None and max_tokens > 0 else self.default_max_tokens
+        """Worst case: the prompt plus every choice's output cap (None: the request sets none,
+        so the configured default; 0: an endpoint that generates nothing)."""
+        out = self.default_max_tokens if max_tokens is None else max(0, max_tokens)
         return prompt_tokens + out * max(1, n)
 
     def _cost(self, model: str, prompt: int, cached: int, completion: int, reasoning: int) -> int:

@@ -19,6 +19,12 @@ class EmbeddingsProcessor(EndpointProcessor):
         data = obj.get("data")
         self.response_events = len(data) if isinstance(data, list) else 0
 
+    def prompt_text(self) -> str:
+        """The string inputs (for a budget's estimate before the upstream answers)."""
+        inputs = self.request.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        return "\n".join(i for i in items if isinstance(i, str))
+
     def _fill_tokens(self, ev: UsageEvent) -> None:
         if self.usage is not None:
             ev.token_source = TokenSource.UPSTREAM_USAGE

@@ -187,3 +187,24 @@ async def test_a_hung_redis_times_out_into_the_failure_policy(redis_proc):
     assert gov.ledger.fallbacks >= 1 and rec.events[-1].total_tokens == 12
     await gov.drain()
     await gov.ledger.close()
+
+
+async def test_settlements_close_together_share_one_redis_call(redis_proc):
+    from extproc.governance.ledger import Counter
+
+    ledger = _ledger(redis_proc.url)
+    calls = []
+    script = ledger._adjust
+
+    async def counted(**kw):  # noqa: ANN003, ANN202
+        calls.append(kw)
+        return await script(**kw)
+
+    ledger._adjust = counted
+    c = [Counter("c1", 100, 3, True, 2**40)]
+    results = await asyncio.gather(*(ledger.adjust([*c, Counter(f"own{i}", 100, i, True, 2**40)], [])
+                                     for i in range(20)))
+    assert len(calls) == 1 and calls[0]["args"][2] == 60  # c1's twenty amounts summed into one
+    assert all(r[0] == 60 for r in results) and [r[1] for r in results] == list(range(20))
+    assert await ledger.values(["c1", "own7"]) == [60, 7]
+    await ledger.close()

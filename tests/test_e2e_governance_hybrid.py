@@ -38,7 +38,7 @@ def stack(tmp_path_factory):
     sim, sim_url = start_sim(work, "--reject-any-key")  # no upstream key: client keys removed
     rec = RecordingSink()
     settings = sidecar_settings(work, policy={"file": str(policy), "redis_url": redis.url,
-                                              "redis_timeout_ms": 200, "default_max_tokens": 64})
+                                              "redis_timeout_ms": 2000, "default_max_tokens": 64})
     sc = ThreadedSidecar(settings, extra_sinks=[rec]).start()
     envoy, url, _ = start_envoy(work, sim_url, sc.sidecar.grpc_port, mode="hybrid")
 

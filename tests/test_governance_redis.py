@@ -37,8 +37,9 @@ def redis_proc(tmp_path):
     proc.stop()
 
 
-def _ledger(url: str, **kw) -> RedisLedger:
-    return RedisLedger(url, prefix="t:", timeout_s=0.5, **kw)
+def _ledger(url: str, timeout_s: float = 2.0, **kw) -> RedisLedger:
+    # generous: on a loaded machine a slow answer must not turn into the failure policy
+    return RedisLedger(url, prefix="t:", timeout_s=timeout_s, **kw)
 
 
 async def test_two_sidecars_sharing_one_redis_enforce_one_budget(redis_proc):
@@ -173,7 +174,7 @@ async def test_a_hung_redis_times_out_into_the_failure_policy(redis_proc):
     import signal
     import time
 
-    gov = governor(policy_text(HARD.format(limit=1000)), _ledger(redis_proc.url, on_failure="open"))
+    gov = governor(policy_text(HARD.format(limit=1000)), _ledger(redis_proc.url, 0.3, on_failure="open"))
     service, rec = service_with(gov)
     await request(service, KEY_SEARCH, chat_body())  # connected
     os.kill(redis_proc.proc.pid, signal.SIGSTOP)
@@ -183,7 +184,7 @@ async def test_a_hung_redis_times_out_into_the_failure_policy(redis_proc):
         took = time.monotonic() - t
     finally:
         os.kill(redis_proc.proc.pid, signal.SIGCONT)
-    assert out[1].WhichOneof("response") == "request_body" and took < 3.0  # 0.5 s timeout, loaded box
+    assert out[1].WhichOneof("response") == "request_body" and took < 3.0  # 0.3 s timeout, loaded box
     assert gov.ledger.fallbacks >= 1 and rec.events[-1].total_tokens == 12
     await gov.drain()
     await gov.ledger.close()

@@ -66,6 +66,7 @@ def test_the_documented_format_parses():
     ("keys: [\n", 2, "not valid YAML"),
     ("require_key: true\nbudget: []\n", 2, "unknown field 'budget'"),
     ("keys:\n  - team: a\n    team: b\n", 3, "'team' given twice"),
+    ("rate_limits:\n  - key: ghost\n    requests_per_minute: 1\n", 2, "'ghost' names no key in this file"),
 ])
 def test_bad_files_are_refused_naming_the_line(text, line, says):
     with pytest.raises(PolicyError) as info:

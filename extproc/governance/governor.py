@@ -162,7 +162,7 @@ class Governor:
             if sent is not None and sent != unattributed and sent != value:
                 self.stats.labels_overridden[name] += 1
             labels[name] = value
-        labels.setdefault("key", identity.key.id)
+        labels["key"] = identity.key.id
 
     def upstream_headers(self) -> tuple[dict[str, str], tuple[str, ...]]:
         """(headers to set, headers to remove): the client's key never reaches the upstream."""

@@ -245,6 +245,11 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         if rpm is None and tpm is None:
             raise r.fail(node, "rate limit needs requests_per_minute and/or tokens_per_minute")
         limits.append(RateLimit(scope, rpm, tpm, _line(node)))
+    known = {k.id for k in keys.values()} | {key_id(k) for k in keys}
+    for item in (*budgets, *limits):
+        if item.scope.key and item.scope.key not in known:
+            raise PolicyError(f"{source}:{item.line}: key {item.scope.key!r} names no key in this file "
+                              "(use a key's name or the first 12 hex of its sha256)")
     require = r.boolean(top["require_key"], "require_key") if "require_key" in top else False
     return Policy(keys, tuple(budgets), tuple(limits), require, source)
 

@@ -173,6 +173,10 @@ class PolicySettings:
     upstream_key: str = ""
     # soft-budget alerts at 50/80/100 % are POSTed here (a budget's own webhook wins)
     webhook_url: str = ""
+    # a stream whose output passes a hard token budget (it generated more than was reserved:
+    # no max_tokens, so default_max_tokens was) ends with an SSE error event; what was served
+    # is billed
+    stop_streams_over_budget: bool = False
 
 
 @dataclass

@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+import orjson
+
 from extproc import wire
 from extproc.events import TokenSource, UsageEvent
 from extproc.governance.governor import Admission, Governor, Identity, Refusal
@@ -217,6 +219,20 @@ class Exchange:
             self._governor.settle(decision, self.event)
         return answer
 
+    def _end_stream(self, p: EndpointProcessor, budget: Any, served: bytes) -> wire.ProcessingResponse:
+        """This chunk's complete events, then an SSE error event (the openai SDK raises APIError
+        on it); the next
+        message is answered with an immediate response, which makes Envoy reset the stream and
+        so the upstream request. What was served is billed (counted from the text seen)."""
+        message = (f"Budget exceeded for {budget.scope.name} while streaming: {budget.limit_tokens} tokens per "
+                   f"{budget.period}. The response was ended.")
+        self.refused = Refusal(429, "budget_exceeded_mid_stream", message, "insufficient_quota", "budget_exceeded")
+        self._governor.stats.refused[self.refused.reason] += 1
+        p.error, p.error_detail = self.refused.reason, message
+        log.info("request %s: stream ended: %s", self.event.request_id, message)
+        error = {"error": {"message": message, "type": "insufficient_quota", "param": None, "code": "budget_exceeded"}}
+        return wire.replace_response_chunk(served + b"data: " + orjson.dumps(error) + b"\n\n")
+
     def _admission_failed(self, exc: BaseException) -> None:
         self._stats.errors["admission"] += 1
         log.error("admission of request %s failed: %r; let through", self.event.request_id, exc)
@@ -288,9 +304,21 @@ class Exchange:
                 return wire.continue_response(wire.RESPONSE_BODY)
             self._framing_pending = False
             p.on_response_headers(self.event.http_status, framing or JSON)
+        if self.refused is not None:  # ended over budget: Envoy resets the stream on this answer
+            self.response_done = True
+            r = self.refused
+            return wire.immediate_error(r.status, r.message, error_type=r.error_type, code=r.code)
         seen = p.live_output_tokens
         replacement = p.on_response_chunk(msg.body, msg.end_of_stream, time.monotonic_ns())
         self._stats.live_output_tokens += p.live_output_tokens - seen
+        adm = self.admission
+        if adm is not None and p.is_sse and p.live_output_tokens > adm.output_reserved and not msg.end_of_stream:
+            over = self._governor.stream_over_budget(adm, p.live_output_tokens)
+            if over is not None:
+                if replacement is None:  # complete events only: a partial one was not counted
+                    end = msg.body.rfind(b"\n\n")
+                    replacement = msg.body[:end + 2] if end >= 0 else b""
+                return self._end_stream(p, over, replacement)
         if replacement is None:
             return wire.continue_response(wire.RESPONSE_BODY)
         return wire.replace_response_chunk(replacement)

@@ -16,6 +16,7 @@ import pytest
 
 from extproc.cli import main
 from extproc.governance.policy import hash_key
+from extproc.tokenizers import TokenizerRegistry
 from tests.stack import (
     RecordingSink,
     ThreadedSidecar,
@@ -27,7 +28,8 @@ from tests.stack import (
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_KEY = "sk-vllm-upstream"
-KEYS = {"search": "sk-e2e-search", "ads": "sk-e2e-ads", "web": "sk-e2e-web", "bot": "sk-e2e-bot"}
+KEYS = {"search": "sk-e2e-search", "ads": "sk-e2e-ads", "web": "sk-e2e-web", "bot": "sk-e2e-bot",
+        "stream": "sk-e2e-stream"}
 
 
 class Hooks:
@@ -71,7 +73,9 @@ def stack(tmp_path_factory):
         f'  - sha256: "{hash_key(KEYS["ads"])}"\n    team: ads\n'
         f'  - sha256: "{hash_key(KEYS["web"])}"\n    team: web\n'
         f'  - sha256: "{hash_key(KEYS["bot"])}"\n    team: bots\n    name: bot\n'
+        f'  - sha256: "{hash_key(KEYS["stream"])}"\n    team: streamers\n'
         "budgets:\n"
+        "  - team: streamers\n    period: month\n    limit_tokens: 50\n    hard: true\n"
         "  - team: ads\n    period: month\n    limit_tokens: 200\n    hard: true\n"
         f"  - team: web\n    period: day\n    limit_tokens: 100\n    webhook: {hooks.url}\n"
         "rate_limits:\n"
@@ -80,7 +84,7 @@ def stack(tmp_path_factory):
     sim, sim_url = start_sim(work, "--api-key", UPSTREAM_KEY)
     rec = RecordingSink()
     settings = sidecar_settings(work, policy={"file": str(policy), "upstream_key": UPSTREAM_KEY,
-                                              "default_max_tokens": 64})
+                                              "default_max_tokens": 16, "stop_streams_over_budget": True})
     sc = ThreadedSidecar(settings, extra_sinks=[rec]).start()
     envoy, url, _admin = start_envoy(work, sim_url, sc.sidecar.grpc_port)
 
@@ -172,12 +176,48 @@ def test_a_soft_budget_webhook_fires_once_per_threshold(stack):
     assert len(stack.hooks.wait(4, timeout=1)) == 3  # nothing more this period
 
 
+@pytest.fixture
+def slow_url(stack, tmp_path):
+    """The same sidecar behind a second Envoy, in front of a simulator streaming 200 tokens/s
+    (a fast one's whole answer can reach Envoy in one piece)."""
+    sim, sim_url = start_sim(tmp_path, "--api-key", UPSTREAM_KEY, "--tokens-per-second", "200")
+    envoy, url, _ = start_envoy(tmp_path, sim_url, stack.sidecar.sidecar.grpc_port)
+    yield url
+    envoy.stop()
+    sim.stop()
+
+
+def test_a_stream_that_passes_a_hard_budget_mid_way_is_ended_and_billed_for_what_was_served(stack, slow_url):
+    """No max_tokens: 16 output tokens are reserved, the simulator generates 64; the stream is
+    ended with an SSE error event once the team's 50-token budget is passed."""
+    client = openai.OpenAI(base_url=f"{slow_url}/v1", api_key=KEYS["stream"], max_retries=0,
+                           default_headers={"x-user": "streamer"})
+    chunks = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], stream=True):
+            chunks.append(chunk)
+    assert "Budget exceeded for team=streamers while streaming" in str(info.value)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    served = TokenizerRegistry(models={MODEL: "llama3"}).for_model(MODEL).count(text)
+    assert 5 <= served < 64
+    ev = wait_events(stack.rec, "streamer", 1)[0]
+    assert ev.error == "budget_exceeded_mid_stream" and ev.http_status == 200
+    assert ev.completion_tokens == served  # what the client was served, counted
+    gov = stack.sidecar.sidecar.governance.governor
+    key = next(k for b, _u, k, *_ in gov.budget_keys() if b.scope.team == "streamers")
+    assert gov.ledger.value(key) == ev.total_tokens  # settled to it
+    # the budget is now past its limit: the next request is refused before the upstream
+    with pytest.raises(openai.RateLimitError):
+        _chat(client)
+
+
 def test_budgets_report_admin_api_and_cli(stack, capsys):
     admin = f"http://127.0.0.1:{stack.sidecar.sidecar.admin_port}"
     with urllib.request.urlopen(f"{admin}/v1/budgets", timeout=5) as r:
         data = json.loads(r.read())
     rows = {b["scope"]: b for b in data["budgets"]}
-    assert set(rows) == {"team=ads", "team=web"} and rows["team=ads"]["limit"] == 200
+    assert set(rows) == {"team=ads", "team=web", "team=streamers"} and rows["team=ads"]["limit"] == 200
     assert rows["team=ads"]["spent"] + rows["team=ads"]["remaining"] == 200
     assert main(["budgets", "show", "--admin-url", admin]) == 0
     out = capsys.readouterr().out

@@ -244,3 +244,41 @@ async def test_worst_case_uses_the_output_cap_the_request_sets_else_the_default(
     assert await reserved(orjson.dumps({**chat, "max_tokens": 20, "n": 3})) == prompt + 60
     emb = await reserved(orjson.dumps({"model": "m", "input": "hi there"}), "/v1/embeddings")
     assert 0 < emb < 10  # input only: nothing reserved for output
+
+
+def _sse_delta(text: str) -> bytes:
+    import orjson
+    return m.sse(orjson.dumps({"model": "m", "choices": [{"index": 0, "delta": {"content": text}}]}))
+
+
+@pytest.mark.parametrize("stop", [True, False])
+async def test_a_stream_past_its_reservation_and_a_hard_budget_is_ended_when_configured(stop):
+    gov = governor(policy_text("  - team: search\n    limit_tokens: 60\n    hard: true\n"),
+                   default_max_tokens=5, stop_streams=stop)
+    service, rec = service_with(gov)
+    session = service.open_stream()
+    session.on_message(m.request_headers(authorization=f"Bearer {KEY_SEARCH}"))
+    body = chat_body(max_tokens=None, stream=True)
+    assert session.on_message(m.body(body, eos=True)).WhichOneof("response") == "request_body"
+    reserved = gov.budget_keys()[0]
+    answers = [session.on_message(m.body(_sse_delta(" word"), response=True, code=200 if i == 0 else None))
+               for i in range(80)]
+    cut = [i for i, a in enumerate(answers) if b'data: {"error"' in a.response_body.response.body_mutation.body]
+    if not stop:
+        assert not cut and not any(a.WhichOneof("response") == "immediate_response" for a in answers)
+        session.close()
+        assert rec.events[0].error == "" and rec.events[0].completion_tokens >= 80
+        return
+    assert len(cut) == 1
+    first = cut[0]
+    # reserved: prompt + 5; cut once 5 + excess passes what the budget has left
+    assert 40 < first + 1 < 60, first
+    served = answers[first].response_body.response.body_mutation.body
+    assert served.startswith(_sse_delta(" word"))  # the chunk's complete event still goes out
+    assert answers[first + 1].WhichOneof("response") == "immediate_response"
+    assert session.finished
+    session.close()
+    ev = rec.events[0]
+    assert ev.error == "budget_exceeded_mid_stream" and ev.http_status == 200
+    assert first <= ev.completion_tokens <= first + 2  # what was served is billed
+    assert gov.ledger.value(reserved[2]) == ev.total_tokens

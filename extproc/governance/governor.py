@@ -83,6 +83,8 @@ class Admission:
     reserved_micros: int
     model: str
     settled: bool = False
+    # output tokens (all choices) inside the reservation: a stream past it may pass a hard limit
+    output_reserved: int = 0
 
 
 @dataclass(slots=True)
@@ -118,12 +120,14 @@ class Governor:
     def __init__(self, policy: Policy, ledger: Any = None, *, prices: PriceTable | None = None,
                  default_max_tokens: int = 4096, upstream_key: str = "",
                  alert: Callable[[dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, stop_streams: bool = False) -> None:
         self.policy = policy
         self.ledger = ledger if ledger is not None else LocalLedger(clock)
         self.prices = prices
         self.default_max_tokens = default_max_tokens
         self.upstream_key = upstream_key
+        # end a stream with an SSE error event once its output passes a hard budget
+        self.stop_streams = stop_streams
         self.stats = GovernanceStats()
         self._alert = alert
         self._clock = clock
@@ -220,7 +224,8 @@ class Governor:
             if r.tokens_per_minute is not None:
                 buckets.append(Bucket(f"r:{r.scope.name}:tokens", r.tokens_per_minute, tokens))
                 bucket_units.append("tokens")
-        return Admission(counters, units, budgets, buckets, bucket_units, tokens, micros, model)
+        return Admission(counters, units, budgets, buckets, bucket_units, tokens, micros, model,
+                         output_reserved=worst_out)
 
     def admit(self, adm: Admission) -> Admission | Refusal | Awaitable[Admission | Refusal]:
         if not adm.counters and not adm.buckets:
@@ -268,6 +273,18 @@ class Governor:
     def _refuse(self, status: int, reason: str, message: str, error_type: str, code: str,
                 headers: dict[str, str] | None = None) -> Refusal:
         return Refusal(status, reason, message, error_type, code, headers or {})
+
+    def stream_over_budget(self, adm: Admission, live_output: int) -> Budget | None:
+        """A hard token budget this stream's output has passed, counting what it generated
+        beyond its reservation against the budget's last known total (no ledger round trip:
+        checked per chunk, only once the output is past what was reserved)."""
+        excess = live_output - adm.output_reserved
+        if excess <= 0 or not self.stop_streams:
+            return None
+        for c, unit, b in zip(adm.counters, adm.units, adm.budgets, strict=True):
+            if c.hard and unit == "tokens" and self.known.get(c.key, c.amount) + excess > c.limit:
+                return b
+        return None
 
     # -- settlement ---------------------------------------------------------------------------
 

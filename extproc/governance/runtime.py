@@ -38,7 +38,8 @@ class Governance:
             ledger = LocalLedger()
         self.ledger = ledger
         self.governor = Governor(policy, ledger, prices=prices, default_max_tokens=p.default_max_tokens,
-                                 upstream_key=p.upstream_key, alert=self.webhooks)
+                                 upstream_key=p.upstream_key, alert=self.webhooks,
+                                 stop_streams=p.stop_streams_over_budget)
         self._task: asyncio.Task[None] | None = None
 
     def _install(self, policy: Policy) -> None:

@@ -7,6 +7,8 @@ issue 5 could save, next to what `bench.run` measures end to end.
   as the openai SDK sends them, request body, response body with the response.code attribute,
   end of body) through a stream session (protobuf parse + handling + response serialization),
   and the event built and emitted at the end
+- exchange.json with a policy: the same with a known virtual key, a hard budget and a rate
+  limit (prompt counted, worst case reserved, settled), state in the process
 - exchange.sse: one SSE event (one body message, as Envoy sends them at a token rate)
 - sse.scan (lever): a bytes scan of the same events for what metering needs (usage, output text
   bytes) instead of orjson.loads + dict walks per chunk
@@ -113,12 +115,24 @@ class _Last:
         self.event = event
 
 
-def _session_factory() -> tuple[Callable[[], StreamSession], _Last]:
+def _session_factory(governor: object = None) -> tuple[Callable[[], StreamSession], _Last]:
     stats = SidecarStats()
     last = _Last()
     service = ExtProcService(Attribution(Settings().attribution, stats), ProcessorContext(TokenizerRegistry()),
-                             [last], stats)
+                             [last], stats, governor=governor)
     return service.open_stream, last
+
+
+def bench_governor() -> object:
+    """The SDK headers' key known (team bench), one hard budget and one rate limit (requests and
+    tokens) that every request falls under and never reaches; state in this process."""
+    from bench.scenario import BENCH_POLICY
+    from extproc.governance.governor import Governor
+    from extproc.governance.policy import hash_key, parse_policy
+
+    key = SDK_HEADERS["authorization"].removeprefix("Bearer ")
+    text = f'keys:\n  - sha256: "{hash_key(key)}"\n    team: bench\n' + BENCH_POLICY
+    return Governor(parse_policy(text))
 
 
 def run_exchange(new: Callable[[], StreamSession], messages: list[bytes]) -> None:
@@ -152,8 +166,11 @@ def measure(n: int) -> list[tuple[str, float, str]]:
                 *(_body(e, response=True) for e in events[1:]), _body(b"", response=True, eos=True)]
     run_exchange(new, msgs)
     event = last.event
+    governed, _ = _session_factory(bench_governor())
     rows: list[tuple[str, float, str]] = [
         ("exchange.json (4 msgs + event)", timeit(lambda: run_exchange(new, msgs), n), "per request"),
+        ("  same with a policy (key, budget, rate limits; local)", timeit(lambda: run_exchange(governed, msgs), n),
+         "per request"),
         ("exchange.sse (whole stream)", timeit(lambda: run_exchange(new, sse_msgs), n // 20) / len(events),
          f"per SSE event ({len(events)} events/stream)"),
         ("  protobuf parse of one message", timeit(lambda: [pb.ProcessingRequest.FromString(m) for m in msgs], n) / 4,

@@ -37,6 +37,9 @@ class Config:
     about: str = ""
     # lever experiments beyond the default run (make bench stays under 10 minutes): --levers
     lever: bool = False
+    # a policy file (keys, budgets, rate limits) enforced on every request: "local" state in the
+    # sidecar, or "redis" (a redis-server started for the run)
+    policy: str = ""
 
 
 # sse-x4 (4x the streams) only where it says most (time budget): Envoy alone and the two h2 modes
@@ -88,6 +91,11 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            about="hybrid: request synchronous (headers + body), response observed; lean h2 server"),
     Config("hybrid-grpcio", "sidecar", "hybrid", "grpcio", workloads=("json-c10", "sse"),
            about="hybrid, grpcio server"),
+    Config("sync-h2-policy", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"), policy="local",
+           about="as sync-h2 with budgets and rate limits enforced on every request (prompt counted, "
+                 "worst case reserved, settled at the end), state in the sidecar"),
+    Config("sync-h2-policy-redis", "sidecar", "sync", "h2", workloads=("json-c1", "json-c10"), policy="redis",
+           about="as sync-h2-policy with the state in Redis (one Lua script to reserve, one to settle)"),
     Config("envoy-end", "envoy", about="Envoy alone again, last: drift over the run"),
 )}
 DEFAULT_CONFIGS = tuple(name for name, c in CONFIGS.items() if not c.lever)
@@ -290,7 +298,10 @@ def run_config(b: Bench, cfg: Config, wls: dict[str, Workload], log: Any = print
     sidecar = None
     if cfg.kind == "sidecar":
         workdir = b.workdir / (f"{cfg.name}.r{round_ + 1}" if round_ else cfg.name)
-        sidecar = Sidecar(workdir, cfg.transport, uds=cfg.uds, settings=cfg.settings).start()
+        settings = cfg.settings
+        if cfg.policy:
+            settings, redis = _policy_settings(workdir, cfg.policy)
+        sidecar = Sidecar(workdir, cfg.transport, uds=cfg.uds, settings=settings).start()
     results: list[dict[str, Any]] = []
     try:
         for name in cfg.workloads:
@@ -308,7 +319,36 @@ def run_config(b: Bench, cfg: Config, wls: dict[str, Workload], log: Any = print
     finally:
         if sidecar is not None:
             sidecar.stop()
+        if cfg.policy == "redis":
+            redis.stop()
     return results
+
+
+# Budgets and rate limits that every bench request falls under (scoped by the x-feature the
+# load sends) and never reaches: the cost of enforcing, not of refusing.
+BENCH_POLICY = """\
+budgets:
+  - feature: bench
+    period: month
+    limit_tokens: 1000000000000
+    hard: true
+rate_limits:
+  - feature: bench
+    requests_per_minute: 1000000000
+    tokens_per_minute: 1000000000000
+"""
+
+
+def _policy_settings(workdir: Path, kind: str) -> tuple[tuple[tuple[str, str, Any], ...], Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    policy = workdir / "policy.yaml"
+    policy.write_text(BENCH_POLICY)
+    settings: tuple[tuple[str, str, Any], ...] = (("policy", "file", str(policy)),)
+    redis = None
+    if kind == "redis":
+        redis = procs.start_redis(workdir)
+        settings += (("policy", "redis_url", redis.url),)
+    return settings, redis
 
 
 def _count_stored(sidecar: Sidecar, results: list[dict[str, Any]]) -> None:

@@ -53,6 +53,7 @@ def build_admin_app(
     reprice: RepriceFn | None = None,
     ready: Callable[[], bool] | None = None,
     drain_envoy: DrainFn | None = None,
+    budgets: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> web.Application:
     app = web.Application()
 
@@ -137,9 +138,15 @@ def build_admin_app(
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         return _json(result)
 
+    async def get_budgets(_: web.Request) -> web.Response:
+        if budgets is None:
+            raise web.HTTPNotFound(text="no policy file configured (policy.file / --policy)\n")
+        return _json(await budgets())
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/envoy/drain", get_envoy_drain)
+    app.router.add_get("/v1/budgets", get_budgets)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/stats", get_stats)
     app.router.add_post("/v1/flush", post_flush)

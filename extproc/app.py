@@ -63,6 +63,7 @@ class Sidecar:
         with_storage: bool = True,
         relay: EventSink | None = None,
         stats: SidecarStats | None = None,
+        prices: Any = None,
     ) -> None:
         self.settings = settings
         self.stats = stats if stats is not None else SidecarStats()
@@ -81,8 +82,13 @@ class Sidecar:
         self.workers: Any = None  # WorkerPool when grpc.workers > 1
         self._sweeper: asyncio.Task | None = None
         self.pricing: Any = None  # governance.stamp.PricingStage (main process only)
+        self.price_book: Any = None  # governance.pricing.PriceBook from pricing.file
         # set on SIGTERM: the admin /readyz answers 503 from then on
         self.draining = False
+        # policy.file: virtual keys, budgets, rate limits (extproc.governance); `prices` is a
+        # price book with list_cost_micros, for budgets in USD
+        self._prices = prices
+        self.governance: Any = None
 
     async def start(self) -> None:
         try:
@@ -100,12 +106,22 @@ class Sidecar:
         # default 5 ms switch interval turned into request latency spikes (bench: p99 at 10
         # clients 14.4 -> 10.2 ms, RPS 2420 -> 2961 with 0.5 ms).
         sys.setswitchinterval(0.0005)
+        if s.pricing.file:
+            from extproc.governance.pricing import load_pricing
+
+            self.price_book = load_pricing(s.pricing.file)  # refused before anything listens
+        if s.policy.file:  # a bad policy file stops the start before storage is opened
+            from extproc.governance.runtime import Governance
+
+            self.governance = Governance(s, prices=self._prices or _LivePrices(self))
         if self._relay is not None:
             self.sinks.append(self._relay)
         else:
             await self._start_sinks()
         for sink in self.sinks:
             await sink.start()
+        if s.policy.file:
+            await self._start_governance()
         if s.grpc.workers > 1 and self._relay is None:
             from extproc.workers import WorkerPool
 
@@ -126,11 +142,7 @@ class Sidecar:
         s = self.settings
         from extproc.governance.stamp import PricingStage
 
-        book = None
-        if s.pricing.file:
-            from extproc.governance.pricing import load_pricing
-
-            book = load_pricing(s.pricing.file)  # refused before anything listens
+        book = self.price_book
         self.pricing = PricingStage(book)
         self.sinks.append(self.pricing)  # first: everything after it sees the priced event
         if self._with_storage:
@@ -148,6 +160,13 @@ class Sidecar:
         self.sinks.append(self.telemetry)
         self.sinks.extend(self._extra_sinks)
 
+    async def _start_governance(self) -> None:
+        await self.governance.start(self.storage)
+        if self.telemetry is not None:
+            from extproc.governance.metrics import register
+
+            register(self.telemetry.provider.get_meter("extproc.governance"), self.governance)
+
     async def _start_grpc(self) -> None:
         s = self.settings
         tokenizers = TokenizerRegistry(s.tokenizer.default_encoding, s.tokenizer.models)
@@ -162,6 +181,7 @@ class Sidecar:
                              max_output_text_chars=s.metering.max_output_text_chars),
             self.sinks,
             self.stats,
+            governor=self.governance.governor if self.governance is not None else None,
         )
         if s.tokenizer.tokenize_url:
             from extproc.recount import Recounter
@@ -193,6 +213,7 @@ class Sidecar:
             reprice=self.reprice if self.storage else None,
             ready=lambda: not self.draining,
             drain_envoy=self._drain_envoy,
+            budgets=self.governance.report if self.governance is not None else None,
         )
         self._admin, self.admin_port = await start_admin(app, s.admin.host, s.admin.port)
 
@@ -206,7 +227,7 @@ class Sidecar:
         from extproc.governance.pricing import load_pricing
 
         book = await asyncio.to_thread(load_pricing, self.settings.pricing.file)
-        self.pricing.book = book
+        self.pricing.book = self.price_book = book
         await self.force_flush()  # what was priced with the old book is stored before the rewrite
         return await self.storage.reprice(book, since)
 
@@ -265,6 +286,8 @@ class Sidecar:
                 await self.service.recounter.close()  # events waiting for /tokenize reach the sinks
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.governance is not None:
+            await self.governance.stop()  # settlements in flight reach the ledger first
         for sink in self.sinks:
             try:
                 await sink.shutdown(30.0)
@@ -294,3 +317,19 @@ class Sidecar:
         if self.settings.grpc.drain_timeout_ms > 0 and self._relay is None:
             await self.wait_for_envoy_to_leave(self.settings.grpc.drain_timeout_ms / 1000)
         await self.stop()
+
+
+class _LivePrices:
+    """Budgets in money price with the book in use, also after `extproc reprice` swapped it."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+
+    def list_cost_micros(self, model: str, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
+                         reasoning_tokens: int, at_unix_nano: int) -> int | None:
+        book = self._sidecar.price_book
+        if book is None:
+            return None
+        return book.list_cost_micros(model, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                                     completion_tokens=completion_tokens, reasoning_tokens=reasoning_tokens,
+                                     at_unix_nano=at_unix_nano)

@@ -1,4 +1,5 @@
-"""`extproc` command line: serve, sim, dev, demo, report, reprice, migrate, envoy-config.
+"""`extproc` command line: serve, sim, dev, demo, report, reprice, migrate, envoy-config, keys,
+budgets.
 
 Commands and flags are public interface: add, never rename.
 """
@@ -61,6 +62,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["log_level"] = args.log_level
     if getattr(args, "pricing", None):
         overrides["pricing"] = {"file": str(Path(args.pricing).resolve())}
+    if getattr(args, "policy", None):
+        overrides.setdefault("policy", {})["file"] = args.policy
     settings = load_settings(getattr(args, "config", None), overrides)
     if getattr(args, "data_dir", None) and not getattr(args, "spool_dir", None) \
             and settings.spool.dir == SpoolSettings().dir:
@@ -89,6 +92,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         ttft_ms=args.ttft_ms, enable_force_include_usage=args.enable_force_include_usage,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details, reasoning=args.reasoning,
         reasoning_tokens_details=not args.no_reasoning_tokens_details,
+        api_key=args.api_key or "", reject_any_key=args.reject_any_key,
     ))
     return 0
 
@@ -101,8 +105,90 @@ def _stack(args: argparse.Namespace):  # noqa: ANN202
     serve_args = ["--transport", args.transport] if args.transport else []
     if getattr(args, "pricing", None):
         serve_args += ["--pricing", str(Path(args.pricing).resolve())]
+    if getattr(args, "policy", None):
+        _check_policy_mode(args.policy, args.mode)
+        serve_args += ["--policy", args.policy]
     return DevStack(ports=ports, data_dir=args.data_dir, upstream=args.upstream, mode=args.mode,
                     config=args.config, sim_args=sim_args, serve_args=serve_args, workers=args.workers)
+
+
+def _check_policy_mode(path: str, mode: str) -> None:
+    from extproc.governance.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        raise ConfigError(f"--policy: {exc}") from None
+    conflicts = policy.observe_conflicts() if mode == "observe" else []
+    if conflicts:
+        raise ConfigError(
+            f"--policy {path} cannot be enforced in observe mode: it has {'; '.join(conflicts)}. In observe "
+            "mode Envoy sends traffic to the sidecar without waiting for its answers, so nothing can be "
+            "refused or rewritten; use --mode sync or --mode hybrid (the request path stays synchronous)")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from extproc.governance import keyfile
+    from extproc.governance.policy import PolicyError
+
+    try:
+        if args.keys_command == "create":
+            token, entry = keyfile.create_key(args.policy, team=args.team, feature=args.feature or "",
+                                              user=args.user or "", env=args.env or "", name=args.name or "")
+            print(token)
+            print(f"# key {entry['sha256'][:12]} for team {args.team} added to {args.policy}; the key is shown "
+                  "only now (the file keeps its SHA-256)", file=sys.stderr)
+        elif args.keys_command == "list":
+            rows = keyfile.list_keys(args.policy)
+            cols = ["id", "name", "team", "feature", "user", "env", "line"]
+            print(_table([[str(r.get(c, "")) for c in cols] for r in rows], cols))
+        else:
+            entry = keyfile.revoke_key(args.policy, args.ref)
+            print(f"revoked key {entry['sha256'][:12]} (team {entry.get('team')}) from {args.policy}")
+    except (PolicyError, OSError) as exc:
+        print(f"extproc keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _table(rows: list[list[str]], cols: list[str]) -> str:
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = args.admin_url or f"http://{_settings(args).admin.host}:{_settings(args).admin.port}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/budgets", timeout=10) as r:
+            data = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        print(f"extproc budgets: {url}: HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}",
+              file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"extproc budgets: no sidecar answering at {url} ({exc}); budgets live in the running "
+              "sidecar (or its Redis): start it, or pass --admin-url", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = []
+    for b in data["budgets"]:
+        pct = b["used_pct"] or 0.0
+        filled = min(20, int(round(pct / 5)))
+        bar = "[" + "#" * filled + "." * (20 - filled) + "]"
+        fmt = (lambda v: f"${v:,.2f}") if b["unit"] == "usd" else (lambda v: f"{int(v):,}")
+        rows.append([b["scope"], b["period"], "hard" if b["hard"] else "soft", fmt(b["spent"]), fmt(b["limit"]),
+                     fmt(b["remaining"]), f"{bar} {pct:5.1f}%"])
+    print(_table(rows, ["scope", "period", "kind", "spent", "limit", "remaining", "used"]))
+    print(f"state: {data['state']}; refused: {data['refused'] or 'none'}"
+          + (f"; last reload error: {data['last_reload_error']}" if data.get("last_reload_error") else ""))
+    return 0
 
 
 def _wait_for_signal() -> None:
@@ -318,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-force-include-usage", action="store_true",
                    help="do not set stream_options.include_usage on streaming requests")
     _pricing_flag(p)
+    p.add_argument("--policy", help="policy file: virtual keys, budgets, rate limits (policy.file)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sim", help="run the vLLM-compatible simulator")
@@ -331,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning", action="store_true", help="stream reasoning text first (delta.reasoning)")
     p.add_argument("--no-reasoning-tokens-details", action="store_true",
                    help="like vLLM before Aug 2026: no usage.completion_tokens_details.reasoning_tokens")
+    p.add_argument("--api-key", help="like vLLM --api-key: /v1 requests must carry exactly this bearer key")
+    p.add_argument("--reject-any-key", action="store_true",
+                   help="refuse /v1 requests that carry Authorization or x-api-key at all")
     p.add_argument("--log-level", default=None)
     p.set_defaults(func=cmd_sim)
 
@@ -338,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _stack_flags(p)
     _pricing_flag(p)
+    p.add_argument("--policy", help="policy file: virtual keys, budgets, rate limits (policy.file)")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("demo", help="start the dev stack, send traffic from several teams, print chargeback")
@@ -375,6 +466,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _storage_flags(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("keys", help="virtual keys in a policy file: create, list, revoke")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="print a new key once and add its SHA-256 to the policy file")
+    k.add_argument("--policy", required=True)
+    k.add_argument("--team", required=True)
+    k.add_argument("--feature")
+    k.add_argument("--user")
+    k.add_argument("--env")
+    k.add_argument("--name", help="a name for the key (budgets and rate limits can use it as key: NAME)")
+    k = keys.add_parser("list", help="the keys in a policy file (ids and labels, never secrets)")
+    k.add_argument("--policy", required=True)
+    k = keys.add_parser("revoke", help="remove a key by name, id (hash prefix) or the key itself")
+    k.add_argument("--policy", required=True)
+    k.add_argument("ref")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("budgets", help="budgets: spend and remaining per scope (from the running sidecar)")
+    budgets = p.add_subparsers(dest="budgets_command", required=True)
+    b = budgets.add_parser("show", help="spend and remaining per scope, with bars")
+    _common(b)
+    b.add_argument("--admin-url", help="sidecar admin URL (default from settings)")
+    b.add_argument("--format", choices=("table", "json"), default="table")
+    b.set_defaults(func=cmd_budgets)
 
     p = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this sidecar")
     p.add_argument("--upstream", default="http://127.0.0.1:8000")

@@ -288,6 +288,33 @@ rules(MeteringSettings, unknown_post=one_of(*UNKNOWN_POST), max_sse_event_bytes=
 
 
 @dataclass
+class PolicySettings:
+    # the policy file (virtual keys, budgets, rate limits; README "Keys, budgets and rate
+    # limits"); empty: no enforcement, labels from headers only
+    file: str = ""
+    # checked this often; a changed file is reloaded without a restart
+    reload_interval_ms: int = 1_000
+    # redis://host:port/db shares spend and limits between replicas; empty: this process only
+    redis_url: str = ""
+    redis_prefix: str = "extproc:"
+    redis_timeout_ms: int = 250
+    # Redis unreachable: open = go on with this process's own counts (counted in a metric),
+    # closed = refuse requests with 503 until it is back
+    redis_on_failure: str = "open"
+    # completion tokens reserved for a request that sets no max_tokens / max_completion_tokens
+    default_max_tokens: int = 4_096
+    # sent upstream as "Authorization: Bearer <key>" in place of the client's virtual key;
+    # empty: the client's key is removed
+    upstream_key: str = ""
+    # soft-budget alerts at 50/80/100 % are POSTed here (a budget's own webhook wins)
+    webhook_url: str = ""
+    # a stream whose output passes a hard token budget (it generated more than was reserved:
+    # no max_tokens, so default_max_tokens was) ends with an SSE error event; what was served
+    # is billed
+    stop_streams_over_budget: bool = False
+
+
+@dataclass
 class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -300,6 +327,7 @@ class Settings:
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     pricing: PricingSettings = field(default_factory=PricingSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     provider_name: str = "vllm"
     log_level: str = "INFO"
 
@@ -437,6 +465,13 @@ def validate(settings: Settings) -> None:
     for prefix in settings.metering.path_prefixes:
         if not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix:
             raise ConfigError(f"metering.path_prefixes: {prefix!r} must start with / and not end with /")
+    if settings.policy.redis_on_failure not in ("open", "closed"):
+        raise ConfigError("policy.redis_on_failure must be open or closed")
+    if settings.policy.default_max_tokens <= 0 or settings.policy.reload_interval_ms <= 0:
+        raise ConfigError("policy.default_max_tokens and policy.reload_interval_ms must be positive")
+    if settings.policy.file and settings.grpc.workers > 1 and not settings.policy.redis_url:
+        raise ConfigError("policy.file with grpc.workers > 1 needs policy.redis_url: without a shared "
+                          "store each worker process would enforce every budget on its own")
     for header in settings.attribution.headers:
         if header != header.lower():
             raise ConfigError(f"attribution header {header!r} must be lower case")

@@ -6,13 +6,18 @@ It turns ext_proc messages into answers and, at the end, into exactly one UsageE
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import time
+from typing import Any
+
+import orjson
 
 from extproc import wire
 from extproc.events import TokenSource, UsageEvent
+from extproc.governance.governor import Admission, Governor, Identity, Refusal
 from extproc.labels import Attribution
 from extproc.processors import (
     EndpointProcessor,
@@ -32,10 +37,11 @@ RESPONSE_HEADERS = frozenset((":status", "content-type", "content-length"))
 
 
 @functools.cache
-def _request_headers(attribution: Attribution) -> frozenset[str]:
+def _request_headers(attribution: Attribution, keys: bool = False) -> frozenset[str]:
     """Request headers the sidecar reads: routing, request id, pairing, and the labels (once
-    per Attribution, not per request)."""
-    return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names))
+    per Attribution, not per request); with a policy, the client's key too."""
+    extra = ("authorization", "x-api-key") if keys else ()
+    return frozenset((":method", ":path", "x-request-id", CORRELATION_HEADER, *attribution.header_names, *extra))
 
 
 # Whitespace may precede either framing; these bytes are what vLLM's JSON bodies start with.
@@ -66,13 +72,20 @@ class Exchange:
     __slots__ = (
         "_attribution", "_ctx", "_stats", "event", "processor", "start_mono", "response_done", "request_done",
         "_finished", "_request_body", "_request_headers", "observe", "role", "correlation_id",
-        "response_started", "response_code", "_framing_pending", "refused", "_request_body_len",
+        "response_started", "response_code", "_framing_pending", "_request_body_len", "_governor",
+        "identity", "admission", "refused",
     )
 
-    def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats) -> None:
+    def __init__(self, attribution: Attribution, ctx: ProcessorContext, stats: SidecarStats,
+                 governor: Governor | None = None) -> None:
         self._attribution = attribution
         self._ctx = ctx
-        self._request_headers = _request_headers(attribution)
+        self._governor = governor
+        # Virtual key, budgets and rate limits (extproc/governance): who, and what was reserved.
+        self.identity: Identity | None = None
+        self.admission: Admission | None = None
+        self.refused: Refusal | None = None
+        self._request_headers = _request_headers(attribution, governor is not None)
         self._stats = stats
         self.event = UsageEvent(start_time_unix_nano=time.time_ns())
         self.start_mono = time.monotonic_ns()
@@ -98,8 +111,6 @@ class Exchange:
         # "response" stream of the same HTTP request, found by correlation_id.
         self.role = ""
         self.correlation_id = ""
-        # Answered by Envoy for us (metering.unknown_post: refuse): no response will follow.
-        self.refused = False
 
     def handle(self, kind: str, msg) -> wire.ProcessingResponse:  # noqa: ANN001 - a oneof member
         if kind == wire.REQUEST_HEADERS:
@@ -122,13 +133,28 @@ class Exchange:
         ev.request_id = headers.get("x-request-id", "")
         ev.labels.update(self._attribution.labels(headers))
         self.processor = processor_for(ev.method, ev.path, self._ctx)
+        if self._governor is not None:
+            refusal = self._identify(headers)
+            if refusal is not None and not self.observe:
+                return self._refuse(refusal)
+            if self.observe:  # Envoy does not wait for answers: attribution only, counted
+                self._stats.errors["policy_not_enforced_observe_mode"] += 1
+        resp = self._request_headers_answer(msg)
+        ident = self.identity
+        if ident is not None and (ident.key is not None or self._governor.upstream_key):
+            resp = wire.with_request_header_mutation(resp, *self._governor.upstream_headers())
+        return resp
+
+    def _request_headers_answer(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+        ev = self.event
         request_only = self.role == "request"
         if self.processor is None:
             ev.endpoint = "unknown"
             self.request_done = True
             reason = None if self.observe else refusal(ev.method, ev.path, self._ctx)
             if reason is not None:
-                self.refused = self.response_done = True
+                self.refused = Refusal(404, "refused_path", reason, "invalid_request_error", "unmetered_path")
+                self.response_done = True
                 ev.error, ev.error_detail, ev.http_status = "refused_path", reason[:500], 404
                 self._stats.refused_requests += 1
                 return wire.immediate_error(404, reason, error_type="invalid_request_error", code="unmetered_path")
@@ -144,6 +170,87 @@ class Exchange:
             self.correlation_id = os.urandom(16).hex()
             return wire.add_request_header_response(CORRELATION_HEADER, self.correlation_id)
         return wire.continue_response(wire.REQUEST_HEADERS)
+
+    # -- governance: virtual keys, budgets, rate limits ---------------------------------------
+
+    def _identify(self, headers: dict[str, str]) -> Refusal | None:
+        gov = self._governor
+        found = gov.identify(headers)
+        if isinstance(found, Refusal):
+            return found
+        self.identity = found
+        gov.apply_labels(found, self.event.labels, self._attribution.unattributed)
+        return None
+
+    def _refuse(self, refusal: Refusal) -> wire.ProcessingResponse:
+        """Envoy answers the client; the request never reaches the upstream. The event says why
+        nothing was served."""
+        self.refused = refusal
+        self._governor.stats.refused[refusal.reason] += 1
+        self.request_done = self.response_done = self.response_started = True
+        self.event.http_status = refusal.status
+        p = self.processor
+        if p is not None:
+            p.error, p.error_detail = refusal.reason, refusal.message[:500]
+            p.response_complete = True
+        else:
+            self.event.error, self.event.error_detail = refusal.reason, refusal.message[:500]
+        log.info("request %s refused (%d %s): %s", self.event.request_id, refusal.status, refusal.reason,
+                 refusal.message)
+        return wire.immediate_error(refusal.status, refusal.message, error_type=refusal.error_type,
+                                    code=refusal.code, headers=refusal.headers)
+
+    def _admit(self, p: EndpointProcessor, answer: wire.ProcessingResponse) -> Any:
+        """Reserve the request's worst case; `answer` goes to Envoy if admitted. Returns the
+        answer, or a future of it when the ledger is remote."""
+        gov = self._governor
+        req = p.request
+        max_tokens: int | None = None
+        if not p.has_output:
+            max_tokens = 0  # input tokens only
+        else:  # chat, completions, and the Responses API's spelling
+            for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+                value = req.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    max_tokens = value
+                    break
+        ctx = self._ctx
+
+        def prompt_tokens() -> int:
+            return ctx.tokenizers.for_model(p.request_model).count(p.prompt_text())
+
+        plan = gov.plan(self.identity, self.event.labels, p.request_model, prompt_tokens, max_tokens, p.n)
+        decision = gov.admit(plan)
+        if isinstance(decision, Admission | Refusal):
+            return self._decided(decision, answer)
+        fut = asyncio.ensure_future(decision)
+        return _chain(fut, lambda d: self._decided(d, answer), self._admission_failed, answer)
+
+    def _decided(self, decision: Admission | Refusal, answer: wire.ProcessingResponse) -> wire.ProcessingResponse:
+        if isinstance(decision, Refusal):
+            return self._refuse(decision)
+        self.admission = decision
+        if self._finished:  # the stream ended while the ledger answered: release at once
+            self._governor.settle(decision, self.event)
+        return answer
+
+    def _end_stream(self, p: EndpointProcessor, budget: Any, served: bytes) -> wire.ProcessingResponse:
+        """This chunk's complete events, then an SSE error event (the openai SDK raises APIError
+        on it); the next
+        message is answered with an immediate response, which makes Envoy reset the stream and
+        so the upstream request. What was served is billed (counted from the text seen)."""
+        message = (f"Budget exceeded for {budget.scope.name} while streaming: {budget.limit_tokens} tokens per "
+                   f"{budget.period}. The response was ended.")
+        self.refused = Refusal(429, "budget_exceeded_mid_stream", message, "insufficient_quota", "budget_exceeded")
+        self._governor.stats.refused[self.refused.reason] += 1
+        p.error, p.error_detail = self.refused.reason, message
+        log.info("request %s: stream ended: %s", self.event.request_id, message)
+        error = {"error": {"message": message, "type": "insufficient_quota", "param": None, "code": "budget_exceeded"}}
+        return wire.replace_response_chunk(served + b"data: " + orjson.dumps(error) + b"\n\n")
+
+    def _admission_failed(self, exc: BaseException) -> None:
+        self._stats.errors["admission"] += 1
+        log.error("admission of request %s failed: %r; let through", self.event.request_id, exc)
 
     def adopt_response_side(self) -> None:
         """This exchange's request was handled by a "request" stream; a "response" stream in
@@ -179,10 +286,12 @@ class Exchange:
             log.warning("request %s: %s: %s", self.event.request_id, exc.kind, exc.detail)
             return wire.continue_response(wire.REQUEST_BODY)
         if p.delegate is not None:  # /invocations: the route the body's shape selects meters it
-            self.processor = p.delegate
-        if replacement is None:
-            return wire.continue_response(wire.REQUEST_BODY)
-        return wire.replace_request_body(replacement)
+            self.processor = p = p.delegate
+        answer = (wire.continue_response(wire.REQUEST_BODY) if replacement is None
+                  else wire.replace_request_body(replacement))
+        if self.identity is not None and not self.observe:
+            return self._admit(p, answer)
+        return answer
 
     def _on_response_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
         self.response_started = True
@@ -223,9 +332,21 @@ class Exchange:
                 return wire.continue_response(wire.RESPONSE_BODY)
             self._framing_pending = False
             p.on_response_headers(self.event.http_status, framing or JSON)
+        if self.refused is not None:  # ended over budget: Envoy resets the stream on this answer
+            self.response_done = True
+            r = self.refused
+            return wire.immediate_error(r.status, r.message, error_type=r.error_type, code=r.code)
         seen = p.live_output_tokens
         replacement = p.on_response_chunk(msg.body, msg.end_of_stream, time.monotonic_ns())
         self._stats.live_output_tokens += p.live_output_tokens - seen
+        adm = self.admission
+        if adm is not None and p.is_sse and p.live_output_tokens > adm.output_reserved and not msg.end_of_stream:
+            over = self._governor.stream_over_budget(adm, p.live_output_tokens)
+            if over is not None:
+                if replacement is None:  # complete events only: a partial one was not counted
+                    end = msg.body.rfind(b"\n\n")
+                    replacement = msg.body[:end + 2] if end >= 0 else b""
+                return self._end_stream(p, over, replacement)
         if replacement is None:
             return wire.continue_response(wire.RESPONSE_BODY)
         return wire.replace_response_chunk(replacement)
@@ -263,4 +384,28 @@ class Exchange:
         except Exception as exc:  # a bug in counting must still leave an event behind
             log.exception("filling event for request %s", ev.request_id)
             ev.error, ev.error_detail = "internal_error", f"fill_event: {exc!r}"[:500]
+        if self.admission is not None:
+            try:
+                self._governor.settle(self.admission, ev)
+            except Exception:  # settling must not cost the event
+                self._stats.errors["settle"] += 1
+                log.exception("settling request %s", ev.request_id)
         return ev
+
+
+def _chain(fut: asyncio.Future, then: Any, failed: Any, fallback: wire.ProcessingResponse) -> asyncio.Future:
+    """A future of `then(result)`; on failure, `failed(exc)` and `fallback` (never an exception
+    into the transport)."""
+    out: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future) -> None:
+        if out.cancelled():
+            return
+        try:
+            out.set_result(then(f.result()))
+        except BaseException as exc:  # noqa: BLE001 - answered regardless
+            failed(exc)
+            out.set_result(fallback)
+
+    fut.add_done_callback(done)
+    return out

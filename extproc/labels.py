@@ -28,6 +28,10 @@ class Attribution:
         self._stats = stats
 
     @property
+    def unattributed(self) -> str:
+        return self._missing
+
+    @property
     def header_names(self) -> tuple[str, ...]:
         return tuple(self._headers)
 

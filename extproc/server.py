@@ -8,6 +8,7 @@ CONTINUE: metering must never break the user's request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,11 +39,14 @@ class ExtProcService:
         ctx: ProcessorContext,
         sinks: Sequence[EventSink],
         stats: SidecarStats,
+        governor: Any = None,
     ) -> None:
         self._attribution = attribution
         self._ctx = ctx
         self._sinks = list(sinks)
         self.stats = stats
+        # extproc.governance Governor: keys, budgets, rate limits (None: no policy file)
+        self.governor = governor
         # Hybrid mode: exchanges whose request stream is done, waiting for their response
         # stream, by correlation id, with the monotonic time they were registered.
         self.pending: dict[str, tuple[float, Exchange]] = {}
@@ -203,7 +207,7 @@ class StreamSession:
     def __init__(self, service: ExtProcService, role: str) -> None:
         self._service = service
         self.role = role
-        self.exchange = Exchange(service._attribution, service._ctx, service.stats)
+        self.exchange = Exchange(service._attribution, service._ctx, service.stats, service.governor)
         self.exchange.role = role
         self._closed = False
         service.stats.streams_opened += 1
@@ -213,7 +217,9 @@ class StreamSession:
         ex = self.exchange
         return ex.request_done if self.role == "request" else ex.response_done
 
-    def on_message(self, req: wire.ProcessingRequest) -> wire.ProcessingResponse | None:
+    def on_message(self, req: wire.ProcessingRequest) -> wire.ProcessingResponse | asyncio.Future[Any] | None:
+        """The answer, None when none is due, or (admission against a remote ledger) a future
+        of the answer: the transport sends it when done, in order."""
         service = self._service
         stats = service.stats
         kind = req.WhichOneof("request")
@@ -249,7 +255,19 @@ class StreamSession:
                 paired = service.adopt_by_request_id(exchange)
                 if paired is not None:
                     self.exchange = paired
-        return None if observe else resp
+        if observe:
+            return None
+        if isinstance(resp, asyncio.Future) and self.role == "request" and exchange.correlation_id:
+            resp.add_done_callback(lambda _: self._unpair_refused())
+        elif exchange.refused is not None:
+            self._unpair_refused()
+        return resp
+
+    def _unpair_refused(self) -> None:
+        """A refused request gets no response stream: this stream emits its event."""
+        ex = self.exchange
+        if ex.refused is not None and ex.correlation_id:
+            self._service._pop_pending(ex.correlation_id)
 
     def close(self) -> None:
         if self._closed:
@@ -262,7 +280,7 @@ class StreamSession:
             stats.streams_cancelled += 1
         # A request stream's exchange is finished by its response stream, or by the sweep;
         # unmetered paths are counted by the response stream alone.
-        if self.role != "request" or self.exchange.refused:
+        if self.role != "request" or self.exchange.refused is not None:
             self._service.finish(self.exchange)
 
 

@@ -6,6 +6,7 @@ dicts and bytes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
@@ -88,6 +89,32 @@ def add_request_header_response(key: str, value: str) -> ProcessingResponse:
             response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[option]))
         )
     )
+
+
+def with_request_header_mutation(resp: ProcessingResponse, set_headers: dict[str, str],
+                                 remove: tuple[str, ...] = ()) -> ProcessingResponse:
+    """A copy of a request-headers answer that also sets and removes headers on the request
+    (the shared singletons are never changed; the plain CONTINUE's copy is made once)."""
+    if resp is _CONTINUE[REQUEST_HEADERS]:
+        return _continue_with_mutation(tuple(set_headers.items()), remove)
+    return _mutated(resp, set_headers, remove)
+
+
+@functools.cache
+def _continue_with_mutation(set_headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> ProcessingResponse:
+    return _mutated(_CONTINUE[REQUEST_HEADERS], dict(set_headers), remove)
+
+
+def _mutated(resp: ProcessingResponse, set_headers: dict[str, str], remove: tuple[str, ...]) -> ProcessingResponse:
+    out = ProcessingResponse()
+    out.CopyFrom(resp)
+    mutation = out.request_headers.response.header_mutation
+    for k, v in set_headers.items():
+        mutation.set_headers.append(pb.HeaderValueOption(
+            header=pb.HeaderValue(key=k, raw_value=v.encode()),
+            append_action=pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+    mutation.remove_headers.extend(h for h in remove if h not in set_headers)
+    return out
 
 
 def replace_request_body(body: bytes) -> ProcessingResponse:

@@ -86,6 +86,7 @@ class EndpointProcessor:
     # gen_ai.operation.name (OpenTelemetry GenAI), stored as UsageEvent.operation
     operation = ""
     streams = True  # endpoint supports stream=true
+    has_output = True  # False: input tokens only (embeddings, rerank, ...): nothing to reserve for output
     # Set by on_request_body when another processor meters this request (/invocations)
     delegate: EndpointProcessor | None = None
 

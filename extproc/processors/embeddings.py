@@ -12,6 +12,7 @@ class EmbeddingsProcessor(EndpointProcessor):
     endpoint = "embeddings"
     operation = "embeddings"
     streams = False
+    has_output = False
 
     def _on_stream_choice(self, choice: dict[str, Any], now_ns: int) -> None:
         pass  # embeddings never stream
@@ -19,6 +20,12 @@ class EmbeddingsProcessor(EndpointProcessor):
     def _on_json_response(self, obj: dict[str, Any]) -> None:
         data = obj.get("data")
         self.response_events = len(data) if isinstance(data, list) else 0
+
+    def prompt_text(self) -> str:
+        """The string inputs (for a budget's estimate before the upstream answers)."""
+        inputs = self.request.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        return "\n".join(i for i in items if isinstance(i, str))
 
     def _fill_tokens(self, ev: UsageEvent) -> None:
         if self.usage is not None:

@@ -26,6 +26,7 @@ def texts_of(value: Any) -> list[str | list[int]]:
 
 class InputOnlyProcessor(EndpointProcessor):
     streams = False
+    has_output = False
 
     def _on_stream_choice(self, choice: dict[str, Any], now_ns: int) -> None:
         pass  # never streamed

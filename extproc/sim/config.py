@@ -27,6 +27,12 @@ class SimConfig:
     # reasoning parser is configured; older releases do not. False = behave like those.
     reasoning_tokens_details: bool = True
     seed: int = 0
+    # vLLM --api-key: requests must carry exactly "Authorization: Bearer <api_key>" (and no
+    # x-api-key). Stands in for an upstream that must never see a gateway's virtual keys.
+    api_key: str = ""
+    # Refuse any request that carries Authorization or x-api-key at all (a gateway that removes
+    # client keys must leave none).
+    reject_any_key: bool = False
     embedding_dim: int = 4096  # Llama 3.1 8B hidden size
     kv_cache_blocks: int = 8192  # for vllm:kv_cache_usage_perc
     block_size: int = 16  # prefix-cache block size, as vLLM's default

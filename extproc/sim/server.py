@@ -125,6 +125,7 @@ class Simulator:
         self.cfg = cfg
         self.cache = PrefixCache(cfg.block_size)
         self.metrics = SimMetrics(cfg.model, cfg.kv_cache_blocks, cfg.block_size)
+        self.auth_rejected = 0  # requests refused by api_key / reject_any_key
 
     # ---- engine ----------------------------------------------------------------------
 
@@ -431,6 +432,8 @@ class Simulator:
 
     async def version(self, request: web.Request) -> web.Response:
         return _json({"version": "0.0.0+sim"})
+    async def auth_stats(self, request: web.Request) -> web.Response:
+        return _json({"auth_rejected": self.auth_rejected}, 200)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -466,10 +469,34 @@ def _prompt_ids(value: Any, name: str) -> list[list[int]]:
 SIM_KEY = web.AppKey("sim", Simulator)
 
 
+def _auth_middleware(cfg: SimConfig) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if request.path.startswith("/v1"):
+            auth = request.headers.get("Authorization")
+            other = request.headers.get("x-api-key")
+            bad = ""
+            if cfg.reject_any_key and (auth is not None or other is not None):
+                bad = "a client key reached the upstream"
+            elif cfg.api_key and (auth != f"Bearer {cfg.api_key}" or other is not None):
+                bad = "the request does not carry the upstream key (a client key reached the upstream?)"
+            if bad:
+                request.app[SIM_KEY].auth_rejected += 1
+                log.error("simulator refused %s: %s", request.path, bad)
+                return _json(error_body(bad, "Unauthorized", 401), 401)
+        return await handler(request)
+
+    return check
+
+
 def create_app(cfg: SimConfig) -> web.Application:
     gen.get_tokenizer()  # load now (~0.3 s), not on the first request
     sim = Simulator(cfg)
-    app = web.Application(middlewares=[_error_middleware], client_max_size=64 * 1024 * 1024)
+    middlewares = [_error_middleware]
+    if cfg.api_key or cfg.reject_any_key:
+        middlewares.insert(0, _auth_middleware(cfg))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app[SIM_KEY] = sim
     routes = Routes()
     routes.add("POST", "/v1/chat/completions", sim.chat)
@@ -494,6 +521,7 @@ def create_app(cfg: SimConfig) -> web.Application:
     routes.add("POST", "/detokenize", sim.detokenize)
     routes.add("POST", "/v1/messages/count_tokens", sim.count_tokens)
     routes.add("GET", "/metrics", sim.prometheus)
+    routes.add("GET", "/sim/auth", sim.auth_stats)
     # one catch-all: aiohttp's own router would match the path before decoding %2F
     app.router.add_route("*", "/{path:.*}", routes.dispatch)
     return app

@@ -7,8 +7,9 @@ sidecar as Envoy would.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -34,6 +35,8 @@ def session_handler(sessions: SessionFactory) -> Handler:
         try:
             async for req in requests:
                 resp = session.on_message(req)
+                if resp is not None and not isinstance(resp, ProcessingResponse):
+                    resp = await cast("asyncio.Future[ProcessingResponse | None]", resp)
                 if resp is not None:
                     yield resp
                 if session.finished:

@@ -25,7 +25,7 @@ from extproc._pb.ext_proc_wire_pb2 import ProcessingRequest, ProcessingResponse
 from extproc.transport import frames as f
 from extproc.transport import grpcproto as g
 from extproc.transport.hpackcache import CachingDecoder, Headers
-from extproc.transport.session import Metadata, SessionFactory
+from extproc.transport.session import Deferred, Metadata, SessionFactory
 from extproc.transport.stream import STREAM_WINDOW, Stream
 from extproc.transport.timers import Schedule
 
@@ -59,8 +59,11 @@ class H2Connection:
 
     def __init__(self, sessions: SessionFactory, *, peer: str = "",
                  max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
-                 schedule: Schedule | None = None, method_path: bytes = METHOD_PATH) -> None:
+                 schedule: Schedule | None = None, method_path: bytes = METHOD_PATH,
+                 on_output: Callable[[], None] | None = None) -> None:
         self.sessions = sessions
+        # Called when output was queued outside receive() (a deferred answer came in).
+        self.on_output: Callable[[], None] = on_output or (lambda: None)
         self.peer = peer
         self.max_concurrent_streams = max_concurrent_streams
         self.schedule = schedule  # None: grpc-timeout is ignored
@@ -403,6 +406,9 @@ class H2Connection:
         """The session's answer, queued in this same receive(). False: the stream is over."""
         session = s.session
         assert session is not None
+        if s.deferred is not None:  # an earlier answer is still coming: keep the order
+            s.held.append(msg)
+            return True
         try:
             resp = session.on_message(msg)
         except Exception as exc:
@@ -411,18 +417,54 @@ class H2Connection:
             return False
         if s.closed:
             return False
+        if resp is not None and not isinstance(resp, ProcessingResponse):
+            s.deferred = resp
+
+            def done(fut: Deferred, s: Stream = s) -> None:
+                self._deferred_done(s, fut)
+
+            resp.add_done_callback(done)
+            return True
+        return self._answered(s, resp)
+
+    def _answered(self, s: Stream, resp: ProcessingResponse | None) -> bool:
         if resp is not None:
             self.send_message(s, _serialize(resp))
-        if session.finished:
+        assert s.session is not None
+        if s.session.finished:
             self.finish(s, g.OK)
             return False
         return True
+
+    def _deferred_done(self, s: Stream, fut: Deferred) -> None:
+        """A deferred answer is ready (outside receive()): send it, then what waited behind it;
+        `on_output` tells the I/O side there is something to write."""
+        s.deferred = None
+        if not (s.closed or self.closed or fut.cancelled()):
+            self._resume(s, fut)
+        self.on_output()
+
+    def _resume(self, s: Stream, fut: Deferred) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.error("ext_proc session's deferred answer failed on stream %d: %r", s.id, exc)
+            self.finish(s, g.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            return
+        if not self._answered(s, fut.result()):
+            return
+        while s.held and s.deferred is None:
+            if not self._deliver(s, s.held.popleft()):
+                return
+        if s.remote_closed and not s.held and s.deferred is None and not s.closed:
+            self.finish(s, g.OK)
 
     def _remote_end(self, s: Stream) -> None:
         s.remote_closed = True
         if s.buf:
             self.fail_stream(s, g.INTERNAL, "stream ended inside a message")
             return
+        if s.deferred is not None or s.held:
+            return  # the deferred answer, then what waits behind it, go first
         self.finish(s, g.OK)  # the client is done sending; the session closes with it
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:

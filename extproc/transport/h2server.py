@@ -35,7 +35,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.closing = False
         self.conn = H2Connection(server.sessions, max_concurrent_streams=server.max_concurrent_streams,
-                                 schedule=self._call_later)
+                                 schedule=self._call_later, on_output=self.flush)
         self.lost: asyncio.Future[None] = server.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

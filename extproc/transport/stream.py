@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from extproc.transport.session import Session
+from collections import deque
+
+from extproc._pb.ext_proc_wire_pb2 import ProcessingRequest
+from extproc.transport.session import Deferred, Session
 from extproc.transport.timers import Timer
 
 # Receive window per stream, advertised as SETTINGS_INITIAL_WINDOW_SIZE.
@@ -15,7 +18,7 @@ class Stream:
     __slots__ = (
         "id", "buf", "remote_closed", "closed", "headers_sent",
         "send_window", "recv_window", "credit_owed", "pending", "pending_trailers",
-        "deadline", "session",
+        "deadline", "session", "deferred", "held",
     )
 
     def __init__(self, stream_id: int, send_window: int) -> None:
@@ -31,3 +34,6 @@ class Stream:
         self.pending_trailers: bytes | None = None
         self.deadline: Timer | None = None
         self.session: Session | None = None
+        # An answer the session gives later; the messages that arrive meanwhile wait in `held`.
+        self.deferred: Deferred | None = None
+        self.held: deque[ProcessingRequest] = deque()

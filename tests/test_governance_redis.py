@@ -76,7 +76,7 @@ async def transport(request, redis_proc):
     if request.param == "grpcio":
         server, port = await start_grpc_server(service, "127.0.0.1:0")
     else:
-        server, port = await start_h2_server(service.process, "127.0.0.1:0", sessions=service.open_stream)
+        server, port = await start_h2_server(service.open_stream, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield gov, rec, wire.client_stub(channel)
     await channel.close()

@@ -604,3 +604,98 @@ def test_table_neutral_blocks():
     dec = CachingDecoder(65536)
     assert dec.decode(indexing) == [(b":method", b"POST"), (b"x-custom", b"v")]
     assert dec.decode(indexed) == dec.decode(bytes(indexed)) == [(b":method", b"POST"), (b"x-custom", b"v")]
+
+
+class LaterAnswer:
+    """A Deferred the test resolves by hand (what an asyncio future is to the core)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[Any], object]] = []
+        self.value: wire.ProcessingResponse | None = None
+        self.error: BaseException | None = None
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        self.callbacks.append(fn)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    def result(self) -> wire.ProcessingResponse | None:
+        return self.value
+
+    def resolve(self, value: wire.ProcessingResponse | None = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        for fn in self.callbacks:
+            fn(self)
+
+
+class DeferringSessions(Sessions):
+    """The first message of every stream is answered later (a budget check against Redis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.later: list[LaterAnswer] = []
+        self.order: list[str] = []
+
+    def __call__(self, metadata: Metadata) -> EchoSession:
+        owner = self
+        session = super().__call__(metadata)
+        plain = session.on_message
+
+        def on_message(msg: wire.ProcessingRequest) -> Any:
+            kind = msg.WhichOneof("request")
+            assert kind is not None
+            owner.order.append(kind)
+            if kind == wire.REQUEST_HEADERS:
+                session.received += 1
+                later = LaterAnswer()
+                owner.later.append(later)
+                return later
+            return plain(msg)
+
+        session.on_message = on_message  # type: ignore[method-assign]
+        return session
+
+
+def _messages(frames: list[Frame], sid: int) -> list[wire.ProcessingResponse]:
+    data, out = data_payload(frames, sid), []
+    while data:
+        n = struct.unpack(">L", data[1:5])[0]
+        out.append(wire.ProcessingResponse.FromString(data[5:5 + n]))
+        data = data[5 + n:]
+    return out
+
+
+def test_a_deferred_answer_holds_the_streams_later_messages_in_order():
+    sessions = DeferringSessions()
+    woken: list[int] = []
+    conn = H2Connection(sessions, peer="test", on_output=lambda: woken.append(1))
+    c = Peer.connect(conn)
+    c.open(1)
+    # the request headers (deferred), then a body and the end of the stream in the same read
+    c.send(f.DATA, f.END_STREAM, 1, grpc_message(m.request_headers()) + grpc_message(m.body(b"abc", response=True)))
+    assert sessions.order == [wire.REQUEST_HEADERS]  # the body waits behind the answer
+    assert data_payload(c.frames(), 1) == b"" and not ends(c.frames(), 1)
+    sessions.later[0].resolve(wire.continue_response(wire.REQUEST_HEADERS))
+    assert woken == [1]  # the I/O side is told to write outside receive()
+    frames = c.frames()
+    answers = _messages(frames, 1)
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers", "response_body"]
+    assert sessions.order == [wire.REQUEST_HEADERS, wire.RESPONSE_BODY]
+    assert ends(frames, 1) and sessions.opened[0].closes == 1  # the stream ends once both are out
+
+
+def test_a_deferred_answer_that_fails_ends_only_its_stream():
+    sessions = DeferringSessions()
+    conn = H2Connection(sessions, peer="test")
+    c = Peer.connect(conn)
+    c.open(1)
+    c.send(f.DATA, 0, 1, grpc_message(m.request_headers()))
+    sessions.later[0].resolve(error=RuntimeError("ledger gone"))
+    frames = c.frames()
+    (trailers,) = [fr for fr in frames if fr[0] == f.HEADERS and fr[2] == 1 and fr[1] & f.END_STREAM]
+    assert c.headers(trailers)[b"grpc-status"] == b"2"  # UNKNOWN
+    assert sessions.opened[0].closes == 1 and not conn.closed

@@ -314,6 +314,10 @@ class PolicySettings:
     stop_streams_over_budget: bool = False
 
 
+rules(PolicySettings, reload_interval_ms=between(10, 3_600_000), redis_timeout_ms=between(1, 60_000),
+      redis_on_failure=one_of("open", "closed"), default_max_tokens=at_least(1))
+
+
 @dataclass
 class Settings:
     grpc: GrpcSettings = field(default_factory=GrpcSettings)

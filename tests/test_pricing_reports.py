@@ -152,7 +152,8 @@ async def test_history_from_before_pricing_shows_as_unpriced_after_the_upgrade(t
 
     current = migrations.load_migrations
     monkeypatch.setattr(migrations, "load_migrations", lambda cluster=False: current(cluster)[:4])  # to 0003
-    new_columns = ["price_status", "price_ref", "gpu_pool", "list_cost_micros", "gpu_work_milli"]
+    new_columns = ["operation", "cache_creation_tokens", "audio_seconds",  # 0004's
+                   "price_status", "price_ref", "gpu_pool", "list_cost_micros", "gpu_work_milli"]
     monkeypatch.setattr(sink, "to_arrow", lambda *a, **k: to_arrow(*a, **k).drop_columns(new_columns))
     old = [make_event(i, team="search", start_time_unix_nano=HOUR_NS + i) for i in range(5)]
     async with chdb_storage(settings_for(tmp_path, storage={"insert_format": "arrow"})) as st:
@@ -162,7 +163,7 @@ async def test_history_from_before_pricing_shows_as_unpriced_after_the_upgrade(t
     monkeypatch.setattr(sink, "to_arrow", to_arrow)
     book = load_pricing(ROOT / "deploy" / "pricing.example.yaml")
     async with chdb_storage(settings_for(tmp_path)) as st:
-        assert st.migrations_applied[:2] == ["0005_pricing", "0006_gpu_pool_rates"]
+        assert st.migrations_applied == ["0004_operation_columns", "0005_pricing", "0006_gpu_pool_rates"]
         await st.sync_pool_rates(book)
         await _store(st, [_priced(book, 10, "search", prompt_tokens=1_000_000, completion_tokens=0)])
         (row,) = await st.report("chargeback", ["team"], since=HOUR, until=HOUR + timedelta(hours=1))

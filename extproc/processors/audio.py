@@ -19,6 +19,7 @@ from typing import Any
 from extproc.events import TokenSource, UsageEvent
 from extproc.processors.base import EndpointProcessor, RequestError, _as_int
 from extproc.processors.multipart import add_field, form_fields
+from extproc.tokenizers import TokenCounter
 
 _TRUE = ("true", "True", "1")
 _TEXT_FORMATS = ("text", "srt", "vtt")
@@ -84,9 +85,13 @@ class TranscriptionProcessor(EndpointProcessor):
     def fill_event(self, ev: UsageEvent) -> None:
         super().fill_event(ev)
         ev.audio_seconds = self.audio_seconds
-        if ev.token_source == TokenSource.TOKENIZER:
+        if ev.token_source in (TokenSource.TOKENIZER, TokenSource.TOKENIZER_ESTIMATE):
             ev.prompt_tokens = 0  # the input is audio: no text to count
             ev.total_tokens = ev.completion_tokens
+
+    def count_prompt(self, counter: TokenCounter) -> tuple[int, bool]:
+        # the input is audio, reported as audio_seconds: zero prompt tokens is exact, not a guess
+        return 0, True
 
     def prompt_text(self) -> str:
         return ""

@@ -77,6 +77,15 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def _number(value: Any) -> int | float:
+    """A report cell (JSON number or decimal string) as a number: int when it is whole."""
+    text = str(value)
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def http_json(url: str, method: str = "GET", timeout: float = 60.0) -> Any:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -224,10 +233,11 @@ class Sidecar:
     def flush(self) -> bool:
         return bool(http_json(f"{self.admin_url}/v1/flush", "POST")["flushed"])
 
-    def stored_by_team(self) -> dict[str, dict[str, int]]:
-        """Requests and tokens stored in ClickHouse (chDB), per x-team label, via the admin API."""
+    def stored_by_team(self) -> dict[str, dict[str, int | float]]:
+        """Requests and tokens stored in ClickHouse (chDB), per x-team label, via the admin API
+        (counts as int; the report's cost columns, decimals, as float)."""
         rows = http_json(f"{self.admin_url}/v1/usage?report=chargeback&by=team&fresh=true")["rows"]
-        return {r["team"]: {k: int(v) for k, v in r.items() if k != "team"} for r in rows}
+        return {r["team"]: {k: _number(v) for k, v in r.items() if k != "team"} for r in rows}
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:

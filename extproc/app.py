@@ -249,20 +249,21 @@ class Sidecar:
             return sum(max(0, w.open_connections) for w in self.workers.workers)
         return len(self.grpc_server.connections) if self.grpc_server is not None else 0
 
-    async def wait_for_envoy_to_leave(self, timeout_s: float) -> None:
+    async def wait_for_envoy_to_leave(self, timeout_s: float) -> bool:
         """Keep serving until Envoy has closed its connections (grpcio: no stream is active),
         for up to timeout_s: a GOAWAY while Envoy still takes requests would leave them
-        unmetered (Envoy fails open)."""
+        unmetered (Envoy fails open). False when the timeout ended the wait."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             n = self.open_connections()
             if n == 0 or (n is None and self.stats.streams_opened == self.stats.streams_closed):
                 log.info("Envoy's connections are closed: stopping")
-                return
+                return True
             await asyncio.sleep(0.05)
         log.warning("Envoy still connected after grpc.drain_timeout_ms (%d connections): stopping anyway",
                     self.open_connections() or 0)
+        return False
 
     def _storage_stats(self) -> dict[str, Any]:
         return self.storage.stats() if self.storage is not None else {}

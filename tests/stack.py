@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,9 +23,18 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.events = []
+        # emit() runs on the sidecar's loop thread; tests wait on this instead of polling
+        self.changed = threading.Condition()
 
     def emit(self, event) -> None:
-        self.events.append(event)
+        with self.changed:
+            self.events.append(event)
+            self.changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until predicate() holds (checked at each emit), or timeout; its last value."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
 
     async def start(self) -> None: ...
 
@@ -37,18 +45,18 @@ class RecordingSink:
 
 
 def wait_events(rec: RecordingSink, user: str, count: int, timeout: float = 10.0) -> list:
-    """Events are emitted as Envoy closes the ext_proc stream, a moment after the client is done;
-    a short second look makes sure no extra event follows."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [e for e in rec.events if e.labels.get("user") == user]
-        if len(found) >= count:
-            time.sleep(0.05)
-            found = [e for e in rec.events if e.labels.get("user") == user]
-            assert len(found) == count, f"{len(found)} events, expected {count}"
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"expected {count} events for user {user}")
+    """Events are emitted as Envoy closes the ext_proc stream, a moment after the client is done.
+    Once `count` are in, a duplicate would follow at once: a short bounded wait for one more
+    (a missing event is waited for, an extra one can only be watched for)."""
+    def found() -> list:
+        return [e for e in rec.events if e.labels.get("user") == user]
+
+    if not rec.wait_for(lambda: len(found()) >= count, timeout):
+        raise AssertionError(f"expected {count} events for user {user}, got {len(found())}")
+    rec.wait_for(lambda: len(found()) > count, 0.05)
+    events = found()
+    assert len(events) == count, f"{len(events)} events, expected {count}"
+    return events
 
 
 class ThreadedSidecar:
@@ -133,3 +141,29 @@ def envoy_stats(admin_port: int, prefixes: Sequence[str] = ("http.ingress.ext_pr
         stats = json.loads(r.read())["stats"]
     return {s["name"]: s.get("value", 0) for s in stats
             if "value" in s and any(s["name"].startswith(p) for p in prefixes)}
+
+
+def admin_json(admin_port: int, path: str, method: str = "GET") -> Any:
+    """One call to a sidecar's admin API (/v1/stats, POST /v1/flush, ...), decoded."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", method=method)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def wait_stats(admin_port: int, predicate: Callable[[dict[str, Any]], bool], what: str,
+               timeout: float = 30.0) -> dict[str, Any]:
+    """Read /v1/stats of a sidecar process until predicate(stats) holds. Another process's
+    counters offer nothing to wait on but reading them again; the deadline bounds that."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = admin_json(admin_port, "/v1/stats")
+        if predicate(stats):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {stats}")
+        time.sleep(0.02)

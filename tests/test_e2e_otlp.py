@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import openai
 
 from extproc.telemetry.testing import OtlpHttpReceiver
-from tests.stack import serve_process, start_envoy, start_sim
+from tests.stack import admin_json, serve_process, start_envoy, start_sim, wait_stats
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -21,7 +20,7 @@ def test_sidecar_process_exports_otlp(tmp_path):
     thread.start()
     receiver = asyncio.run_coroutine_threadsafe(OtlpHttpReceiver().__aenter__(), loop).result(10)
     sim, sim_url = start_sim(tmp_path)
-    sidecar, grpc_port, _ = serve_process(tmp_path, env={
+    sidecar, grpc_port, admin_port = serve_process(tmp_path, env={
         "EXTPROC_METRICS__OTLP": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRIC_EXPORT_INTERVAL": "300",
         "OTEL_SERVICE_NAME": "extproc-e2e"})
@@ -35,17 +34,16 @@ def test_sidecar_process_exports_otlp(tmp_path):
                                                max_tokens=6)
             want_in += r.usage.prompt_tokens
             want_out += r.usage.completion_tokens
-        got: dict[str, float] = {}
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            snap = receiver.snapshot()
-            got = {t: sum(snap.value("extproc.tokens", a) for a in snap.attribute_sets("extproc.tokens")
-                          if a.get("team") == "otlp" and a.get("token.type") == t)
-                   for t in ("input", "output")}
-            if got == {"input": want_in, "output": want_out}:
-                break
-            time.sleep(0.2)
-        assert got == {"input": want_in, "output": want_out}
+        # every stream ended and its event emitted, then one flush exports the metrics
+        wait_stats(admin_port, lambda st: st["events_emitted"] >= 3 and st["streams_closed"] == st["streams_opened"],
+                   "the three requests' events")
+        assert admin_json(admin_port, "/v1/flush", "POST") == {"flushed": True}
+        snap = receiver.snapshot()
+        got = {t: sum(snap.value("extproc.tokens", a) for a in snap.attribute_sets("extproc.tokens")
+                      if a.get("team") == "otlp" and a.get("token.type") == t)
+               for t in ("input", "output")}
+        assert got == {"input": want_in, "output": want_out} and want_in > 0
+        assert admin_json(admin_port, "/v1/stats")["events_emitted"] == 3
         assert "gen_ai.client.token.usage" in snap.names()
         resource = receiver.requests[-1].resource_metrics[0].resource
         assert any(kv.key == "service.name" and kv.value.string_value == "extproc-e2e" for kv in resource.attributes)

@@ -28,7 +28,7 @@ def test_sigterm_mid_load_loses_no_event(tmp_path, workers):
     log = tmp_path / "sidecar.log"
     sidecar.start()
     envoy, url, _ = start_envoy(tmp_path, sim_url, grpc_port, concurrency=workers)
-    done = threading.Event()
+    done, sixty = threading.Event(), threading.Event()
     completed = []
 
     def client_loop(i: int) -> None:
@@ -42,14 +42,16 @@ def test_sigterm_mid_load_loses_no_event(tmp_path, workers):
                 for _ in stream:
                     pass
                 completed.append(i)
+                if len(completed) >= 60:
+                    sixty.set()
             except openai.APIError:
                 pass
 
     try:
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(client_loop, i) for i in range(6)]
-            while len(completed) < 60:
-                time.sleep(0.05)
+            # the clients give up after 20 s: by then the load is either there or not coming
+            assert sixty.wait(60), f"only {len(completed)} streams completed before SIGTERM"
             rc = sidecar.stop(timeout=60, sig=signal.SIGTERM)  # mid-load
             done.set()
             for f in futures:

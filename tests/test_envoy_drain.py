@@ -188,16 +188,17 @@ async def test_wait_returns_once_connections_are_gone(caplog) -> None:
     counts = [2, 1, 0]
     side.open_connections = lambda: counts.pop(0) if len(counts) > 1 else counts[0]  # type: ignore[method-assign]
     with caplog.at_level(logging.INFO, logger="extproc.app"):
-        await side.wait_for_envoy_to_leave(10)
-    assert "Envoy's connections are closed" in caplog.text
+        assert await side.wait_for_envoy_to_leave(10) is True
+    assert counts == [0]  # it looked until the count reached 0
+    assert "Envoy's connections are closed" in caplog.text  # what the operator reads at shutdown
 
 
 async def test_wait_gives_up_after_the_timeout(caplog) -> None:
     side = Sidecar(Settings())
     side.open_connections = lambda: 3  # type: ignore[method-assign]
     with caplog.at_level(logging.WARNING, logger="extproc.app"):
-        await side.wait_for_envoy_to_leave(0.1)
-    assert "still connected" in caplog.text and "3 connections" in caplog.text
+        assert await side.wait_for_envoy_to_leave(0.1) is False
+    assert "still connected" in caplog.text and "3 connections" in caplog.text  # the operator's warning
 
 
 async def test_wait_without_a_connection_count_uses_streams(caplog) -> None:
@@ -207,12 +208,12 @@ async def test_wait_without_a_connection_count_uses_streams(caplog) -> None:
     assert side.open_connections() is None
     side.stats.streams_opened, side.stats.streams_closed = 5, 4
     with caplog.at_level(logging.WARNING, logger="extproc.app"):
-        await side.wait_for_envoy_to_leave(0.1)
+        assert await side.wait_for_envoy_to_leave(0.1) is False
     assert "still connected" in caplog.text
     side.stats.streams_closed = 5
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="extproc.app"):
-        await side.wait_for_envoy_to_leave(10)
+        assert await side.wait_for_envoy_to_leave(10) is True
     assert "Envoy's connections are closed" in caplog.text
 
 

@@ -29,13 +29,20 @@ class FakeVllm:
     delay: float = 0.0
     url: str = ""
     hits: int = 0
+    hit: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def handle(self, _request: web.Request) -> web.Response:
         self.hits += 1
+        async with self.hit:
+            self.hit.notify_all()
         if self.delay:
             await asyncio.sleep(self.delay)
         return web.Response(text=self.text, status=self.status,
                             content_type="text/plain", charset="utf-8")
+
+    async def wait_hits(self, count: int, timeout: float = 10.0) -> None:
+        async with self.hit:
+            await asyncio.wait_for(self.hit.wait_for(lambda: self.hits >= count), timeout)
 
 
 @pytest.fixture
@@ -131,20 +138,13 @@ async def test_periodic_scrape_through_usage_metrics(vllm: FakeVllm) -> None:
     reader = InMemoryMetricReader()
     metrics = UsageMetrics.from_settings(settings, extra_readers=[reader])
     await metrics.start()
-    for _ in range(200):
-        if vllm.hits >= 3:
-            break
-        await asyncio.sleep(0.01)
-    assert vllm.hits >= 3
+    await vllm.wait_hits(3)
     vllm.text = vllm_metrics_text(ttft=(0.03, 0.3, 2.0))
+    # Scrapes run one at a time: the next one reads the new text, and the one after it starts
+    # only once that one is processed.
+    await vllm.wait_hits(vllm.hits + 2)
     m = {"model_name": MODEL, "engine": "0"}
-    for _ in range(200):  # the next scrapes pick the new text up
-        if read(reader).value(f"{V}time_to_first_token.count", m) == 3:
-            break
-        await asyncio.sleep(0.01)
     assert read(reader).value(f"{V}time_to_first_token.count", m) == 3
     await metrics.shutdown()
     assert metrics.vllm is not None and metrics.vllm.failures == 0
-    hits = vllm.hits
-    await asyncio.sleep(0.06)
-    assert vllm.hits == hits  # the loop stopped
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "vllm-metrics-scrape"]  # the loop stopped

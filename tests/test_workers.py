@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -280,9 +282,24 @@ def test_a_stuck_worker_is_killed_and_replaced(tmp_path: Path):
         sc.stop()
 
 
-def test_fewer_connections_than_workers_is_said_in_the_log(tmp_path: Path, caplog):
+class _LogSeen(logging.Handler):
+    """Records the messages containing `text` as they are logged, and says so at once."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text, self.messages, self.seen = text, [], threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in (msg := record.getMessage()):
+            self.messages.append(msg)
+            self.seen.set()
+
+
+def test_fewer_connections_than_workers_is_said_in_the_log(tmp_path: Path):
     """Envoy with one worker thread opens one connection: the second sidecar worker idles."""
     sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2", "workers": 2})).start()
+    seen = _LogSeen("have no connection")
+    logging.getLogger("extproc.workers.pool").addHandler(seen)
     try:
         sc.sidecar.workers.spread_check_after = 0.0
         sc.sidecar.workers.heartbeat_timeout = 1.0  # checks every 0.25 s
@@ -290,11 +307,11 @@ def test_fewer_connections_than_workers_is_said_in_the_log(tmp_path: Path, caplo
         async def hold_one() -> None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.sidecar.grpc_port}") as ch:
                 [_ async for _ in wire.client_stub(ch)(iter([m.request_headers("/v1/models", "GET")]))]
-                await asyncio.to_thread(_until, lambda: any("have no connection" in r.getMessage()
-                                                            for r in caplog.records), 15, "the warning")
+                assert await asyncio.to_thread(seen.seen.wait, 15), "the warning was not logged"
 
         asyncio.run(hold_one())
-        [warning] = [r.getMessage() for r in caplog.records if "have no connection" in r.getMessage()]
+        [warning] = seen.messages
         assert "1 of 2" in warning and "--concurrency below 2" in warning
     finally:
+        logging.getLogger("extproc.workers.pool").removeHandler(seen)
         sc.stop()

@@ -4,6 +4,7 @@ does not make it is counted (and logged), and a channel speaking nonsense is clo
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from pathlib import Path
 
@@ -21,9 +22,21 @@ class _Transport:
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.closing = False
+        self.wrote = asyncio.Event()
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        self.wrote.set()
+
+    def kinds(self) -> list[int]:
+        return [k for data in self.written for k, _ in relay.FrameReader().feed(data)]
+
+    async def wait_for_kind(self, kind: int, timeout: float = 5.0) -> list[int]:
+        """The kinds of the frames written so far, once one of `kind` is among them."""
+        while kind not in self.kinds():
+            self.wrote.clear()
+            await asyncio.wait_for(self.wrote.wait(), timeout)
+        return self.kinds()
 
     def is_closing(self) -> bool:
         return self.closing
@@ -76,7 +89,8 @@ async def test_a_channel_cut_inside_a_frame_is_counted_and_flushes_fail(tmp_path
     w.ready.set_result({})
     pool.workers = [w]
     flushing = asyncio.ensure_future(pool.force_flush(5))
-    await asyncio.sleep(0)
+    assert await ch.transport.wait_for_kind(relay.FLUSH) == [relay.FLUSH]  # the worker is asked
+    assert not flushing.done()
     ch.data_received(relay.frame(relay.EVENT, b"x" * 10)[:8])
     ch.connection_lost(None)
     assert await flushing is False
@@ -97,7 +111,11 @@ async def test_no_running_worker_closes_the_connection_counted(tmp_path: Path):
     pool._listener = listener
     client = socket.create_connection(listener.getsockname())
     try:
-        await asyncio.sleep(0.05)
+        # the connection is in the listener's backlog once it is readable (poll: the suite's
+        # file descriptors can be past select()'s 1024)
+        waiter = select.poll()
+        waiter.register(listener, select.POLLIN)
+        assert waiter.poll(5000) == [(listener.fileno(), select.POLLIN)]
         pool._accept()  # no worker process runs
         assert pool.stats.errors["no_worker"] == 1
         client.settimeout(5)
@@ -113,8 +131,8 @@ async def test_worker_side_counts_what_it_cannot_relay(tmp_path: Path):
     sink = RelaySink(ch)
     event = make_event(1)
     sink.emit(event)
-    await asyncio.sleep(0)  # one loop turn: queued frames go out in one write
-    assert len(ch.transport.written) == 1
+    await ch.transport.wait_for_kind(relay.EVENT)
+    assert len(ch.transport.written) == 1  # queued frames go out in one write
     [(kind, payload)] = relay.FrameReader().feed(ch.transport.written[0])
     assert kind == relay.EVENT and payload == event.SerializeToString()
 
@@ -133,8 +151,6 @@ async def test_worker_answers_a_flush_after_what_it_emitted_and_rejects_other_fr
     ch.snapshot = lambda: {"events_emitted": 1}
     ch.send(relay.frame(relay.EVENT, b"e"))
     ch.data_received(relay.token_frame(relay.FLUSH, 9))
-    await asyncio.sleep(0)
-    kinds = [k for data in ch.transport.written for k, _ in relay.FrameReader().feed(data)]
-    assert kinds == [relay.EVENT, relay.STATS, relay.FLUSHED]
+    assert await ch.transport.wait_for_kind(relay.FLUSHED) == [relay.EVENT, relay.STATS, relay.FLUSHED]
     ch.data_received(relay.frame(relay.EVENT, b"?"))  # only the parent's kinds are accepted
     assert ch.transport.is_closing()

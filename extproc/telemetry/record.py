@@ -31,12 +31,8 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "none"
 
 
-def error_type(event: UsageEvent) -> str | None:
-    """Semconv error.type: our error kind, else the HTTP status code for 4xx/5xx."""
-    return _error_type(event.error, event.http_status)
-
-
 def _error_type(error: str, http_status: int) -> str | None:
+    """Semconv error.type: our error kind, else the HTTP status code for 4xx/5xx."""
     if error:
         return error
     if http_status >= 400:

@@ -233,6 +233,7 @@ class Sidecar:
         rows = http_json(f"{self.admin_url}/v1/usage?report=chargeback&by=team&fresh=true")["rows"]
         return {r["team"]: {k: int(v) for k, v in r.items() if k != "team" and not k.endswith("_usd")}
                 for r in rows}
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
             self.proc.stop(sig)

@@ -12,6 +12,7 @@ import threading
 import urllib.request
 from collections import Counter as Tally
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import openai
@@ -30,6 +31,7 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExp
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.telemetry.testing import OtlpHttpReceiver
+from tests.k8s_render import ROOT
 from tests.stack import (
     RecordingSink,
     ThreadedSidecar,
@@ -40,6 +42,7 @@ from tests.stack import (
 )
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+PRICES = ROOT / "deploy" / "pricing.example.yaml"
 TEAM = "flushers"
 MSG = [{"role": "user", "content": "How many series does a scrape show after three flushes?"}]
 DELTA = {k: AggregationTemporality.DELTA for k in (
@@ -82,7 +85,8 @@ def stack(tmp_path_factory) -> Iterator[Any]:
     ]
     sim, sim_url = start_sim(work, "--tokens-per-second", "0")
     rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(work), extra_sinks=[rec], metric_readers=readers).start()
+    settings = sidecar_settings(work, pricing={"file": str(PRICES)})
+    sc = ThreadedSidecar(settings, extra_sinks=[rec], metric_readers=readers).start()
     envoy, url, _ = start_envoy(work, sim_url, sc.sidecar.grpc_port)
 
     class Stack:
@@ -105,11 +109,11 @@ def _get(url: str, method: str = "GET") -> bytes:
         return r.read()
 
 
-def _requests(stack: Any, user: str) -> tuple[int, int]:
+def _requests(stack: Any, user: str, team: str = TEAM) -> tuple[int, int]:
     """One plain and one streaming chat through Envoy; (prompt, completion) tokens the
     upstream reported."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="k", max_retries=0,
-                           default_headers={"x-team": TEAM, "x-user": user})
+                           default_headers={"x-team": team, "x-user": user})
     plain = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=7)
     assert plain.usage is not None
     prompt, completion = plain.usage.prompt_tokens, plain.usage.completion_tokens
@@ -120,8 +124,16 @@ def _requests(stack: Any, user: str) -> tuple[int, int]:
     assert usage is not None
     prompt += usage.prompt_tokens
     completion += usage.completion_tokens
-    wait_events(stack.rec, user, 2)  # emitted to every sink, the metrics included
+    events = wait_events(stack.rec, user, 2)  # emitted to every sink, the metrics included
+    assert all(e.price_status == "priced" for e in events)
     return prompt, completion
+
+
+def _list_cost_usd(stack: Any) -> float:
+    """The stored list cost of the team's events (exact micro-USD), in USD."""
+    micros = sum(e.list_cost_micros for e in stack.rec.events if e.labels.get("team") == TEAM)
+    assert micros > 0
+    return float(Decimal(micros) / 1_000_000)
 
 
 def _scrape(stack: Any) -> dict[str, list[Any]]:
@@ -140,9 +152,9 @@ def _scrape(stack: Any) -> dict[str, list[Any]]:
     return out
 
 
-def _team_value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+def _team_value(samples: dict[str, list[Any]], name: str, team: str = TEAM, **labels: str) -> float:
     hits = [s.value for s in samples.get(name, [])
-            if s.labels.get("team") == TEAM and all(s.labels.get(k) == v for k, v in labels.items())]
+            if s.labels.get("team") == team and all(s.labels.get(k) == v for k, v in labels.items())]
     assert hits, (name, labels)
     return sum(hits)
 
@@ -192,6 +204,7 @@ def test_flushes_do_not_repeat_series_in_metrics_or_otlp(stack) -> None:
     assert _team_value(samples, "extproc_tokens_total", token_type="output") == completion
     assert _team_value(samples, "gen_ai_client_token_usage_count", gen_ai_token_type="input") == 2
     assert _team_value(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == prompt
+    assert _team_value(samples, "extproc_cost_usd_total") == pytest.approx(_list_cost_usd(stack))
 
     # more traffic and flushes: the next scrape moves on, still once per series
     p2, c2 = _requests(stack, "u2")
@@ -202,6 +215,7 @@ def test_flushes_do_not_repeat_series_in_metrics_or_otlp(stack) -> None:
     assert _team_value(samples, "extproc_tokens_total", token_type="input") == prompt + p2
     assert _team_value(samples, "extproc_tokens_total", token_type="output") == completion + c2
     assert _team_value(samples, "gen_ai_client_token_usage_count", gen_ai_token_type="input") == 4
+    assert _team_value(samples, "extproc_cost_usd_total") == pytest.approx(_list_cost_usd(stack))
     assert len(_scrape(stack)["extproc_requests_total"]) == len(samples["extproc_requests_total"])
 
     # OTLP: 6 flushes (3 + /v1/usage + 2) each pushed one export to each receiver
@@ -252,3 +266,20 @@ def test_collections_between_scrapes_render_once() -> None:
             samples.setdefault(sample.name, []).append(sample)
     assert _team_value(samples, "extproc_tokens_total", token_type="input") == 12
     assert _team_value(samples, "extproc_requests_total") == 2
+
+
+def test_dashboard_cost_panels_query_the_exported_cost_counter(stack) -> None:
+    """The Grafana cost panels use the name and labels the sidecar really exports for
+    extproc.cost.usd (priced by the real pricing stage from the example file)."""
+    from tests.test_telemetry_deploy import _dashboard, _queries, parse_promql
+
+    _requests(stack, "u3", team="dashboards")  # its own team: the flush test counts its own
+    samples = _scrape(stack)
+    assert _team_value(samples, "extproc_cost_usd_total", team="dashboards") > 0
+    cost_queries = [(t, e) for t, e in _queries(_dashboard()) if "cost" in e]
+    assert len(cost_queries) >= 4, cost_queries
+    for title, expr in cost_queries:
+        metrics, labels = parse_promql(expr)
+        assert metrics == {"extproc_cost_usd_total"}, (title, expr)
+        exported = set().union(*(s.labels for s in samples["extproc_cost_usd_total"]))
+        assert labels <= exported, f"{title}: {sorted(labels - exported)} not on the cost counter"

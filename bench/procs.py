@@ -227,8 +227,16 @@ class Sidecar:
     def stored_by_team(self) -> dict[str, dict[str, int]]:
         """Requests and tokens stored in ClickHouse (chDB), per x-team label, via the admin API."""
         rows = http_json(f"{self.admin_url}/v1/usage?report=chargeback&by=team&fresh=true")["rows"]
-        return {r["team"]: {k: int(v) for k, v in r.items() if k != "team"} for r in rows}
+        # the counts only: money columns (cost_usd, ...) are decimal strings since pricing
+        return {r["team"]: {k: int(v) for k, v in r.items() if k != "team" and _is_count(v)}
+                for r in rows}
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
             self.proc.stop(sig)
+
+
+def _is_count(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.isdigit())

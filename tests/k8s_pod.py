@@ -109,6 +109,8 @@ class Pod:
         assert dsn.startswith("chdb://")
         cfg["storage"]["dsn"] = "chdb://" + self._host(dsn[len("chdb://"):], mounts)
         cfg["spool"]["dir"] = self._host(cfg["spool"]["dir"], mounts)
+        if cfg.get("pricing", {}).get("file"):  # on its read-only ConfigMap volume
+            cfg["pricing"]["file"] = self._host(cfg["pricing"]["file"], mounts)
         Path(cfg_path).write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.data_dir = Path(cfg["storage"]["dsn"][len("chdb://"):])
         self.spool_dir = Path(cfg["spool"]["dir"])

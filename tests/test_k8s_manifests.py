@@ -5,6 +5,7 @@ ConfigMaps are the repository's own and are accepted by the real Envoy and the s
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 
 from extproc.config import load_settings
 from extproc.envoy_config import EnvoyOptions, render_yaml
+from extproc.governance.pricing import load_pricing
 from tests.k8s_render import (
     K8S,
     OVERLAYS,
@@ -26,6 +28,7 @@ from tests.k8s_render import (
     render,
     volume_configmap,
 )
+from tests.system_packages import need_binary
 from tests.test_telemetry_deploy import exposition, parse_promql  # noqa: F401 (fixture)
 
 # 1.29: native sidecar containers on by default; and the newest schemas the package ships
@@ -302,3 +305,55 @@ def test_kustomize_needs_no_load_restrictor() -> None:
             for f in [*gen.get("files", ()), *gen.get("envs", ())]:
                 src = Path(kfile.parent, f.split("=", 1)[-1]).resolve()
                 assert src.is_file() and kfile.parent.resolve() in src.parents, (kfile, f)
+
+
+def test_pricing_configmap_is_the_example_and_the_sidecar_uses_it(rendered, tmp_path) -> None:
+    """deploy/k8s/base/pricing.yaml is a copy of deploy/pricing.example.yaml (kustomize reads no
+    file outside its directory); the pod mounts it read-only where pricing.file points."""
+    name, objects = rendered
+    example = ROOT / "deploy" / "pricing.example.yaml"
+    assert (K8S / "base" / "pricing.yaml").read_text() == example.read_text(), \
+        "refresh it: cp deploy/pricing.example.yaml deploy/k8s/base/pricing.yaml"
+    spec = pod_spec(objects)
+    data = volume_configmap(objects, spec, "extproc-pricing")
+    assert data == {"pricing.yaml": example.read_text()}
+    path = tmp_path / "pricing.yaml"
+    path.write_text(data["pricing.yaml"])
+    book, want = load_pricing(path), load_pricing(example)
+    assert (book.currency, book.models, book.pools) == (want.currency, want.models, want.pools)
+    assert book.models and book.pools, "the example prices no model"
+
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(volume_configmap(objects, spec, "extproc-config")["config.yaml"])
+    sidecar = container(spec, "extproc")
+    env = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    settings = load_settings(cfg_path, environ=env)
+    [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == "extproc-pricing"]
+    assert mount["readOnly"] is True
+    assert settings.pricing.file == f"{mount['mountPath']}/pricing.yaml", name
+    volume = next(v for v in spec["volumes"] if v["name"] == "extproc-pricing")
+    assert "optional" not in volume["configMap"]  # no prices is an error at start, not a silent zero
+
+
+def test_an_overlay_replaces_the_prices(tmp_path) -> None:
+    """What deploy/README.md tells users to do with their own prices renders as said."""
+    overlay = tmp_path / "prices"
+    overlay.mkdir()
+    mine = (ROOT / "deploy" / "pricing.example.yaml").read_text().replace(
+        "input_per_mtok: 0.20", "input_per_mtok: 0.25")
+    (overlay / "pricing.yaml").write_text(mine)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "base", overlay)],
+        "configMapGenerator": [{"name": "extproc-pricing", "behavior": "replace",
+                                "files": ["pricing.yaml"]}],
+    }))
+    out = subprocess.run([need_binary("kubectl"), "kustomize", str(overlay)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    objects = [d for d in yaml.safe_load_all(out.stdout) if d]
+    data = volume_configmap(objects, pod_spec(objects), "extproc-pricing")
+    assert data == {"pricing.yaml": mine}
+    path = tmp_path / "pricing.yaml"
+    path.write_text(data["pricing.yaml"])
+    assert load_pricing(path).models != load_pricing(ROOT / "deploy" / "pricing.example.yaml").models

@@ -105,9 +105,11 @@ def _stored_rows(pod: Pod) -> int:
         await sink.start()  # would replay what the shutdown left in the spool
         await sink.shutdown(30)
         replayed = storage.stats().get("events_replayed", 0)
-        rows = await storage.run(lambda c: c.query("SELECT count() FROM usage_events").result_rows[0][0])
+        rows, unpriced = await storage.run(lambda c: c.query(
+            "SELECT count(), countIf(price_status != 'priced') FROM usage_events").result_rows[0])
         await storage.close()
         assert replayed == 0, f"{replayed} events were left in the spool by the shutdown"
+        assert unpriced == 0, f"{unpriced} of {rows} events not priced by the mounted pricing file"
         return rows
 
     return asyncio.run(count())

@@ -6,7 +6,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
     Counter,
@@ -31,6 +30,7 @@ from prometheus_client.exposition import choose_encoder
 from extproc import __version__
 from extproc.config import ConfigError, Settings
 from extproc.telemetry.otel_env import ExportPlan, export_plan
+from extproc.telemetry.prometheus_reader import PrometheusPullReader
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ DEFAULT_OTLP_PROTOCOL = "http/protobuf"
 class PrometheusHandle:
     """The sidecar's own prometheus_client registry (never the global one)."""
 
-    def __init__(self, reader: PrometheusMetricReader, registry: CollectorRegistry) -> None:
+    def __init__(self, reader: PrometheusPullReader, registry: CollectorRegistry) -> None:
         self.reader = reader
         self.registry = registry
 
@@ -134,7 +134,7 @@ def build_meter_provider(
     limits = cardinality_limits(settings.metrics.max_series)
     if plan.prometheus:
         registry = CollectorRegistry(auto_describe=True)
-        reader = PrometheusMetricReader(registry=registry, cardinality_limits=limits)
+        reader = PrometheusPullReader(registry=registry, cardinality_limits=limits)
         handle = PrometheusHandle(reader, registry)
         readers.append(reader)
     if plan.otlp:

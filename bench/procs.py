@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from extproc.devstack import ManagedProcess, envoy_process, free_port, python_cli
-from extproc.envoy_config import EnvoyOptions, render
+from extproc.devtools.devstack import ManagedProcess, envoy_process, free_port, python_cli
+from extproc.devtools.envoy_config import EnvoyOptions, render
 
 _TICK = os.sysconf("SC_CLK_TCK")
 # Envoy ext_proc counters that mean a stream or message failed (with failure_mode_allow, each

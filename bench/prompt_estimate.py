@@ -7,9 +7,9 @@ counts, on a few chat prompts: the served model's tokenizer.json alone, and tikt
 
 from __future__ import annotations
 
+from extproc.devtools.sim.generation import chat_prompt_ids
 from extproc.processors import ProcessorContext
 from extproc.processors.chat import ChatProcessor
-from extproc.sim.generation import chat_prompt_ids
 from extproc.tokenizers import TokenizerRegistry, llama3_tokenizer_path
 
 LONG = ("Our platform team shares eight GPUs between search, support and ads; every request carries "

@@ -29,8 +29,8 @@ from bench import loadgen
 from bench.procs import envoy_stats
 from bench.upstream import Upstream
 from extproc import wire
-from extproc.devstack import envoy_process, free_port
-from extproc.envoy_config import EnvoyOptions
+from extproc.devtools.devstack import envoy_process, free_port
+from extproc.devtools.envoy_config import EnvoyOptions
 
 TRANSPORTS = ("grpcio", "h2")
 

@@ -84,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from extproc.sim import SimConfig, run_sim
+    from extproc.devtools.sim import SimConfig, run_sim
 
     _setup_logging(args.log_level or "INFO")
     run_sim(SimConfig(
@@ -98,7 +98,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _stack(args: argparse.Namespace):  # noqa: ANN202
-    from extproc.devstack import DevStack, StackPorts
+    from extproc.devtools.devstack import DevStack, StackPorts
 
     ports = StackPorts(args.port, args.envoy_admin_port, args.grpc_port, args.admin_port, args.sim_port)
     sim_args = ["--tokens-per-second", str(args.tokens_per_second)]
@@ -217,7 +217,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from extproc.demo import run_demo
+    from extproc.devtools.demo import run_demo
 
     _setup_logging(args.log_level or "WARNING")
     return run_demo(_stack(args), requests_per_team=args.requests)
@@ -346,7 +346,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from extproc.envoy_config import EnvoyOptions, render_yaml
+    from extproc.devtools.envoy_config import EnvoyOptions, render_yaml
 
     sys.stdout.write(render_yaml(EnvoyOptions(
         upstream=args.upstream, listen_host=args.listen_host, listen_port=args.port,

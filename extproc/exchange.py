@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Added to the request by the hybrid mode's request filter; the response filter's stream reads it.
 CORRELATION_HEADER = "x-extproc-correlation"
+# gRPC metadata naming a hybrid-mode filter's stream role (request | response), set by the Envoy
+# config (extproc envoy-config --mode hybrid).
+ROLE_METADATA = "x-extproc-role"
 CORRELATION_ONLY = frozenset((CORRELATION_HEADER,))
 RESPONSE_HEADERS = frozenset((":status", "content-type", "content-length"))
 

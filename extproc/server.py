@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from extproc import wire
 from extproc._pb import ext_proc_wire_pb2 as pb
-from extproc.envoy_config import ROLE_METADATA
 from extproc.events import EventSink, TokenSource, UsageEvent
-from extproc.exchange import CORRELATION_HEADER, CORRELATION_ONLY, Exchange
+from extproc.exchange import CORRELATION_HEADER, CORRELATION_ONLY, ROLE_METADATA, Exchange
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
 from extproc.stats import SidecarStats

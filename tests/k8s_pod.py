@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from extproc.devstack import envoy_binary, free_port
+from extproc.devtools.devstack import envoy_binary, free_port
 from tests.k8s_render import ROOT, container, pod_spec, volume_configmap
 
 POD_NAME = "llm-gateway-7c9d-test"

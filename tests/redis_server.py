@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.devstack import free_port
+from extproc.devtools.devstack import free_port
 
 MISSING = ("redis-server is not installed: apt-get install redis-server (or make system-packages) "
            "to run the Redis tests")

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from extproc.app import Sidecar, loop_factory
 from extproc.config import Settings, load_settings
-from extproc.devstack import ManagedProcess, envoy_process, free_port, python_cli
-from extproc.envoy_config import EnvoyOptions
+from extproc.devtools.devstack import ManagedProcess, envoy_process, free_port, python_cli
+from extproc.devtools.envoy_config import EnvoyOptions
 
 T = TypeVar("T")
 

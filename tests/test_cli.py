@@ -15,7 +15,7 @@ import time
 import openai
 import pytest
 
-from extproc.devstack import free_port
+from extproc.devtools.devstack import free_port
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

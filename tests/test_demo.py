@@ -8,8 +8,8 @@ import subprocess
 import sys
 from decimal import Decimal
 
-from extproc.demo import TEAMS
-from extproc.devstack import free_port
+from extproc.devtools.demo import TEAMS
+from extproc.devtools.devstack import free_port
 
 COLUMNS = ("team", "feature", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens",
            "reasoning_tokens", "total_tokens", "errors", "client_aborted", "cost_usd", "unpriced_requests",

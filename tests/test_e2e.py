@@ -14,7 +14,6 @@ import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.telemetry.testing import read
 from tests.stack import (
     RecordingSink,
     ThreadedSidecar,
@@ -24,6 +23,7 @@ from tests.stack import (
     start_sim,
     wait_events,
 )
+from tests.telemetry_testing import read
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MSG = [{"role": "user", "content": "Tell me about GPU chargeback, with a café and 日本語 example."}]

@@ -18,8 +18,8 @@ from typing import Any
 import openai
 import pytest
 
-from extproc.telemetry.testing import OtlpGrpcReceiver, OtlpHttpReceiver
 from tests.stack import serve_process, start_envoy
+from tests.telemetry_testing import OtlpGrpcReceiver, OtlpHttpReceiver
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 # the export interval is long: only POST /v1/flush (and the shutdown) export

@@ -8,8 +8,8 @@ import threading
 
 import openai
 
-from extproc.telemetry.testing import OtlpHttpReceiver
 from tests.stack import admin_json, serve_process, start_envoy, start_sim, wait_stats
+from tests.telemetry_testing import OtlpHttpReceiver
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -10,7 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from extproc.devstack import free_port
+from extproc.devtools.devstack import free_port
 from extproc.events import TokenSource
 from tests.stack import (
     RecordingSink,

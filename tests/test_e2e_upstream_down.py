@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from extproc.devstack import free_port
+from extproc.devtools.devstack import free_port
 from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, wait_events
 
 

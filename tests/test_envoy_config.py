@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.devstack import envoy_binary
-from extproc.envoy_config import EnvoyOptions, render_yaml
+from extproc.devtools.devstack import envoy_binary
+from extproc.devtools.envoy_config import EnvoyOptions, render_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "envoy").glob("*.yaml"))

@@ -14,7 +14,7 @@ from aiohttp import web
 from extproc.admin import build_admin_app, start_admin
 from extproc.app import Sidecar
 from extproc.config import ConfigError, Settings, load_settings
-from extproc.devstack import free_port
+from extproc.devtools.devstack import free_port
 from extproc.envoy_drain import DrainResult, active_requests, drain_envoy
 from extproc.stats import SidecarStats
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from extproc.config import load_settings
-from extproc.envoy_config import EnvoyOptions, render_yaml
+from extproc.devtools.envoy_config import EnvoyOptions, render_yaml
 from extproc.governance.pricing import load_pricing
 from tests.k8s_render import (
     K8S,
@@ -71,7 +71,7 @@ def test_envoy_config_in_the_configmap_passes_envoy_validate(rendered, tmp_path)
     data = volume_configmap(objects, pod_spec(objects), "envoy-config")
     path = tmp_path / "envoy.yaml"
     path.write_text(data["envoy.yaml"])
-    from extproc.devstack import envoy_binary
+    from extproc.devtools.devstack import envoy_binary
 
     out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
                          capture_output=True, text=True, timeout=120)

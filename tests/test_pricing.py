@@ -170,7 +170,7 @@ def test_serve_refuses_a_bad_pricing_file_at_start_naming_the_line(tmp_path: Pat
     import subprocess
     import sys
 
-    from extproc.devstack import free_port
+    from extproc.devtools.devstack import free_port
 
     bad = tmp_path / "pricing.yaml"
     bad.write_text("models:\n  m:\n    input_per_mtok: 1\n    output_per_mtok: 1\n    pool: missing\n")

@@ -96,8 +96,8 @@ def test_request_as_chat_messages():
 def test_chat_messages_render_to_the_simulators_prompt_count():
     """What the tokenizer fallback will render through the chat template (issue 12 item 6) is
     what vLLM (here the simulator, with the Llama 3 template) counts as input_tokens."""
-    from extproc.sim import chat_apis
-    from extproc.sim import generation as gen
+    from extproc.devtools.sim import chat_apis
+    from extproc.devtools.sim import generation as gen
 
     for req in (REQ, {"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}],
                       "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},

@@ -100,8 +100,8 @@ def test_input_as_chat_messages():
 def test_chat_messages_render_to_the_simulators_prompt_count():
     """What the tokenizer fallback will render through the chat template (issue 12 item 6) is
     what vLLM (here the simulator, with the Llama 3 template) counts as input_tokens."""
-    from extproc.sim import chat_apis
-    from extproc.sim import generation as gen
+    from extproc.devtools.sim import chat_apis
+    from extproc.devtools.sim import generation as gen
 
     for req in ({"model": "m", "input": "Hello there"},
                 {"model": "m", "instructions": "Be brief.", "input": [

@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 
 from extproc.config import AttributionSettings, ConfigError, load_settings
-from extproc.devstack import free_port
+from extproc.devtools.devstack import free_port
+from extproc.devtools.sim.generation import encode
 from extproc.events import TokenSource
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext
 from extproc.recount import TOKENIZER_NAME, Recounter
 from extproc.server import ExtProcService
-from extproc.sim.generation import encode
 from extproc.stats import SidecarStats
 from extproc.tokenizers import TokenizerRegistry
 from tests import ext_proc_msgs as m

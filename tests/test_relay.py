@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc import relay
 from extproc.stats import SidecarStats
+from extproc.workers import relay
 
 FRAMES = st.lists(st.tuples(st.sampled_from(sorted(relay.KINDS)), st.binary(max_size=300)), max_size=8)
 

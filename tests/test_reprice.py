@@ -125,7 +125,7 @@ def test_reprice_and_report_on_the_store_when_no_sidecar_runs(tmp_path: Path) ->
     import subprocess
     import sys
 
-    from extproc.devstack import free_port
+    from extproc.devtools.devstack import free_port
 
     wrong = parse_pricing(WRONG)
     settings = settings_for(tmp_path)

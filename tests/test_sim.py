@@ -15,8 +15,8 @@ import openai
 import orjson
 import pytest
 
-from extproc.sim import SimConfig, SimHandle, start_sim
-from extproc.sim import generation as gen
+from extproc.devtools.sim import SimConfig, SimHandle, start_sim
+from extproc.devtools.sim import generation as gen
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MESSAGES = [

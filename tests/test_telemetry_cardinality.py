@@ -12,7 +12,7 @@ from extproc.telemetry import LabelGuard, UsageMetrics
 from extproc.telemetry import names as n
 from extproc.telemetry.cardinality import MAX_VALUE_LENGTH
 from extproc.telemetry.counters import OVERFLOW_KEY, ExactCounter
-from extproc.telemetry.testing import read
+from tests.telemetry_testing import read
 
 
 def test_guard_keeps_first_values_then_other() -> None:

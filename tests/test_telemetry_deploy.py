@@ -19,7 +19,7 @@ from extproc.config import Settings
 from extproc.events import TokenSource, UsageEvent
 from extproc.stats import SidecarStats
 from extproc.telemetry import UsageMetrics
-from extproc.telemetry.testing import FakeStorage, vllm_metrics_text
+from tests.telemetry_testing import FakeStorage, vllm_metrics_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"

@@ -30,7 +30,6 @@ from opentelemetry.sdk.metrics import (
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.telemetry.testing import OtlpHttpReceiver
 from tests.k8s_render import ROOT
 from tests.stack import (
     RecordingSink,
@@ -40,6 +39,7 @@ from tests.stack import (
     start_sim,
     wait_events,
 )
+from tests.telemetry_testing import OtlpHttpReceiver
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PRICES = ROOT / "deploy" / "pricing.example.yaml"

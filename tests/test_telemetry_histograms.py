@@ -24,7 +24,7 @@ from extproc.config import Settings
 from extproc.events import TokenSource, UsageEvent
 from extproc.telemetry import UsageMetrics, record
 from extproc.telemetry import names as n
-from extproc.telemetry.testing import MetricsSnapshot, OtlpHttpReceiver, read
+from tests.telemetry_testing import MetricsSnapshot, OtlpHttpReceiver, read
 
 HISTOGRAMS = (n.TOKEN_USAGE, n.REQUEST_DURATION, n.TIME_TO_FIRST_TOKEN, n.TIME_PER_OUTPUT_TOKEN)
 DELTA = {HistogramInstrument: AggregationTemporality.DELTA}

@@ -8,7 +8,7 @@ import pytest
 
 from extproc.processors.routing import ROUTES
 from extproc.telemetry import names as n
-from extproc.telemetry.testing import read
+from tests.telemetry_testing import read
 from tests.test_telemetry_usage import ATTRIBUTED, event, make
 
 

@@ -13,7 +13,7 @@ from extproc.events import TokenSource, UsageEvent
 from extproc.telemetry import UsageMetrics
 from extproc.telemetry import names as n
 from extproc.telemetry.export import otlp_protocol
-from extproc.telemetry.testing import OtlpGrpcReceiver, OtlpHttpReceiver
+from tests.telemetry_testing import OtlpGrpcReceiver, OtlpHttpReceiver
 
 ATTRS = {
     n.OPERATION: "chat", n.PROVIDER: "vllm", n.REQUEST_MODEL: "llama",

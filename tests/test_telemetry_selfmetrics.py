@@ -8,7 +8,7 @@ from extproc.config import Settings
 from extproc.stats import SidecarStats
 from extproc.telemetry import UsageMetrics
 from extproc.telemetry import names as n
-from extproc.telemetry.testing import FakeStorage, read
+from tests.telemetry_testing import FakeStorage, read
 
 
 class BrokenStorage:

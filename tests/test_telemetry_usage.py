@@ -9,7 +9,7 @@ from extproc.config import ConfigError, Settings
 from extproc.events import EventSink, TokenSource, UsageEvent
 from extproc.telemetry import UsageMetrics
 from extproc.telemetry import names as n
-from extproc.telemetry.testing import MetricsSnapshot, read
+from tests.telemetry_testing import MetricsSnapshot, read
 
 MS = 1_000_000
 LABELS = {"team": "search", "feature": "autocomplete", "user": "alice", "env": "prod"}

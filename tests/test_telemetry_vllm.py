@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from extproc.config import Settings
 from extproc.telemetry import UsageMetrics, VllmScraper, parse_vllm_metrics
 from extproc.telemetry import names as n
-from extproc.telemetry.testing import VLLM_MODEL, VLLM_TTFT_BUCKETS, read, vllm_metrics_text
+from tests.telemetry_testing import VLLM_MODEL, VLLM_TTFT_BUCKETS, read, vllm_metrics_text
 
 MODEL = VLLM_MODEL
 V = n.VLLM_PREFIX

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from extproc.config import AttributionSettings
-from extproc.devstack import envoy_process, free_port
-from extproc.envoy_config import EnvoyOptions
+from extproc.devtools.devstack import envoy_process, free_port
+from extproc.devtools.envoy_config import EnvoyOptions
 from extproc.events import TokenSource, UsageEvent
 from extproc.labels import Attribution
 from extproc.processors import ProcessorContext

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import orjson
 
-from extproc import relay
 from extproc.stats import SidecarStats
+from extproc.workers import relay
 from extproc.workers.pool import WorkerPool, _ParentChannel, _Worker
 from extproc.workers.worker import RelaySink, _WorkerChannel
 from tests.stack import RecordingSink, sidecar_settings

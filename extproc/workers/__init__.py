@@ -13,7 +13,7 @@ connections over two workers share one worker half the time).
 A worker is `python -m extproc.workers --fd N --index I [--conn-fd M]` (worker.py), spawned (not
 forked: the parent runs threads and ClickHouse) by the pool (pool.py) with one end of a
 socketpair (and one for connections); its settings arrive over that socket. Events and counter
-snapshots go up (extproc/relay.py), flush barriers go both ways. A worker that dies is started
+snapshots go up (extproc/workers/relay.py), flush barriers go both ways. A worker that dies is started
 again (its open streams fail open in Envoy); a worker whose parent dies stops by itself.
 """
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import orjson
 
-from extproc import relay
 from extproc.config import Settings
 from extproc.events import EventSink, UsageEvent
 from extproc.stats import SidecarStats
 from extproc.transport.address import parse_listen
+from extproc.workers import relay
 from extproc.workers.counted import CountedErrors
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from extproc import relay
 from extproc.config import Settings, load_settings
 from extproc.events import UsageEvent
 from extproc.stats import SidecarStats
+from extproc.workers import relay
 from extproc.workers.counted import CountedErrors
 
 log = logging.getLogger(__name__)

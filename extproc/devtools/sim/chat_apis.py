@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import generation as gen
-from extproc.sim.protocol import (
+from extproc.devtools.sim import generation as gen
+from extproc.devtools.sim.protocol import (
     SimError,
     bad_request,
     check_model,
@@ -32,7 +32,7 @@ from extproc.sim.protocol import (
 )
 
 if TYPE_CHECKING:
-    from extproc.sim.server import Simulator
+    from extproc.devtools.sim.server import Simulator
 
 
 def _frame(kind: str, obj: dict[str, Any]) -> bytes:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extproc.envoy_config import EnvoyOptions, render_yaml
+from extproc.devtools.envoy_config import EnvoyOptions, render_yaml
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ Test hooks (request headers):
                                  sending [DONE]. Non-streaming: close without any response.
 """
 
-from extproc.sim.config import SimConfig
-from extproc.sim.server import SimHandle, create_app, run_sim, start_sim
+from extproc.devtools.sim.config import SimConfig
+from extproc.devtools.sim.server import SimHandle, create_app, run_sim, start_sim
 
 __all__ = ["SimConfig", "SimHandle", "create_app", "run_sim", "start_sim"]

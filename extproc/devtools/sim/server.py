@@ -18,12 +18,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import audio_apis, chat_apis, pooling_apis, tokenization
-from extproc.sim import generation as gen
-from extproc.sim.config import SimConfig
-from extproc.sim.metrics import SimMetrics
-from extproc.sim.prefix_cache import PrefixCache
-from extproc.sim.protocol import (
+from extproc.devtools.sim import audio_apis, chat_apis, pooling_apis, tokenization
+from extproc.devtools.sim import generation as gen
+from extproc.devtools.sim.config import SimConfig
+from extproc.devtools.sim.metrics import SimMetrics
+from extproc.devtools.sim.prefix_cache import PrefixCache
+from extproc.devtools.sim.protocol import (
     SimError,
     bad_request,
     chat_chunk,
@@ -40,7 +40,7 @@ from extproc.sim.protocol import (
     usage_chunk,
     validation_error,
 )
-from extproc.sim.routes import Routes
+from extproc.devtools.sim.routes import Routes
 
 log = logging.getLogger(__name__)
 

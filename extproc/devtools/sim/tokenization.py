@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.sim import generation as gen
-from extproc.sim.config import SimConfig
-from extproc.sim.protocol import bad_request, check_model, field, validation_error
+from extproc.devtools.sim import generation as gen
+from extproc.devtools.sim.config import SimConfig
+from extproc.devtools.sim.protocol import bad_request, check_model, field, validation_error
 
 
 def tokenize(body: dict[str, Any], cfg: SimConfig) -> dict[str, Any]:

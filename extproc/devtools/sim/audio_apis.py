@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from extproc.sim import generation as gen
-from extproc.sim.protocol import SimError, bad_request, usage, validation_error
+from extproc.devtools.sim import generation as gen
+from extproc.devtools.sim.protocol import SimError, bad_request, usage, validation_error
 
 if TYPE_CHECKING:
-    from extproc.sim.server import Simulator
+    from extproc.devtools.sim.server import Simulator
 
 _TRUE = ("true", "True", "1")
 MAX_TOKENS = 24

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from extproc.sim.config import SimConfig
+from extproc.devtools.sim.config import SimConfig
 
 
 class SimError(Exception):

@@ -35,8 +35,9 @@ from urllib.parse import urlparse
 
 import yaml
 
+from extproc.exchange import ROLE_METADATA
+
 MODES = ("sync", "observe", "hybrid")
-ROLE_METADATA = "x-extproc-role"
 
 
 @dataclass

@@ -10,7 +10,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
-from extproc.devstack import DevStack
+from extproc.devtools.devstack import DevStack
 
 TEAMS = {
     "search": ["ranking", "query-rewrite"],

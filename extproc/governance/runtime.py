@@ -59,13 +59,12 @@ class Governance:
                  "in Redis (shared by replicas)" if self.ledger.is_async else "in this process only")
 
     async def restore(self, storage: Any) -> None:
-        """The period's token spend so far, from ClickHouse: a restarted sidecar (or a Redis that
-        lost its data) does not start the month from zero. Never lowers a live counter."""
+        """The period's spend so far (tokens, and list cost for USD budgets), from ClickHouse: a
+        restarted sidecar (or a Redis that lost its data) does not start the month from zero.
+        Never lowers a live counter."""
         gov = self.governor
         for b, unit, key, _limit, start, end in gov.budget_keys():
-            if unit != "tokens":
-                continue  # USD spend comes back once the events carry cost columns
-            sql, params = spend_query(b, start)
+            sql, params = spend_query(b, start, unit)
             try:
                 rows = await storage.run(lambda c, sql=sql, params=params: c.query(sql, parameters=params).result_rows)
             except Exception as exc:
@@ -76,8 +75,8 @@ class Governance:
                 seed = self.ledger.seed(key, spent, end + COUNTER_GRACE_S)
                 if asyncio.iscoroutine(seed):
                     await seed
-                log.info("budget %s: %d tokens spent this %s so far (restored from storage)", b.scope.name,
-                         spent, b.period)
+                log.info("budget %s: %s spent this %s so far (restored from storage)", b.scope.name,
+                         f"{spent} tokens" if unit == "tokens" else f"${spent / 1e6:.6f}", b.period)
 
     @property
     def reload_errors(self) -> int:

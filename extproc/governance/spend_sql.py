@@ -11,9 +11,16 @@ from extproc.governance.policy import Budget
 _LABELS = {"team": "team", "feature": "feature", "user": "user", "key": "key"}
 
 
-def spend_query(budget: Budget, period_start: int) -> tuple[str, dict[str, Any]]:
-    """Tokens spent by this budget's scope since `period_start` (Unix seconds). The hourly rollup
-    serves team / feature scopes (periods start on an hour); the raw events the others."""
+# what each budget unit sums: tokens, or the list cost in integer micro-USD the pricing stage
+# stamped on each event (unpriced events carry 0, as they counted $0 at admission)
+_COLUMNS = {"tokens": "total_tokens", "usd": "list_cost_micros"}
+
+
+def spend_query(budget: Budget, period_start: int, unit: str = "tokens") -> tuple[str, dict[str, Any]]:
+    """Tokens (or micro-USD) spent by this budget's scope since `period_start` (Unix seconds).
+    The hourly rollup serves team / feature scopes (periods start on an hour); the raw events
+    the others."""
+    column = _COLUMNS[unit]
     s = budget.scope
     params: dict[str, Any] = {"since": period_start}
     fields = [(f, getattr(s, f)) for f in ("team", "feature", "user", "key") if getattr(s, f)]
@@ -28,7 +35,8 @@ def spend_query(budget: Budget, period_start: int) -> tuple[str, dict[str, Any]]
             where.append(f"labels[{{l{i}:String}}] = {{v{i}:String}}")
     cond = " AND ".join(where)
     if rollup:
-        sql = f"SELECT sum(total_tokens) FROM usage_hourly WHERE hour >= toDateTime({{since:Int64}}) AND {cond}"
+        sql = f"SELECT sum({column}) FROM usage_hourly WHERE hour >= toDateTime({{since:Int64}}) AND {cond}"
     else:
-        sql = f"SELECT sum(total_tokens) FROM usage_events WHERE start_time >= toDateTime64({{since:Int64}}, 9) AND {cond}"
+        sql = (f"SELECT sum({column}) FROM usage_events "
+               f"WHERE start_time >= toDateTime64({{since:Int64}}, 9) AND {cond}")
     return sql, params

@@ -44,6 +44,10 @@ def _post(sim: str, path: str, body: dict) -> dict:
 
 def _aborted(registry: TokenizerRegistry, path: str, request: dict, chunk: dict):  # noqa: ANN202
     """The request streamed, one output chunk arrived, then Envoy reset the stream."""
+    return _aborted_exchange(registry, path, request, chunk)[0]
+
+
+def _aborted_exchange(registry: TokenizerRegistry, path: str, request: dict, chunk: dict):  # noqa: ANN202
     stats = SidecarStats()
     ex = Exchange(Attribution(AttributionSettings(), stats), ProcessorContext(registry), stats)
     for msg in (m.request_headers(path), m.body(orjson.dumps({**request, "stream": True}), eos=True),
@@ -51,7 +55,7 @@ def _aborted(registry: TokenizerRegistry, path: str, request: dict, chunk: dict)
         ex.handle(msg.WhichOneof("request"), getattr(msg, msg.WhichOneof("request")))
     ev = ex.finish()
     assert ev.client_aborted and ev.completion_tokens > 0
-    return ev
+    return ev, ex
 
 
 CHAT_CHUNK = {"model": MODEL, "choices": [{"index": 0, "delta": {"content": "Sure"}}]}
@@ -173,3 +177,53 @@ def test_simulator_tokenize_refuses_what_vllm_refuses(sim):
     assert status == 400
     status, body = _post_status(sim, "/detokenize", {"tokens": ["a"]})
     assert status == 400
+
+
+# Responses `input`/`instructions` and Messages `system` + content blocks, in the shapes clients
+# send; vLLM turns each into chat messages and renders the chat template, so must the fallback.
+RESPONSES = [
+    {"input": "What is a chargeback?"},
+    {"instructions": "Answer briefly.", "input": "What is a chargeback?"},
+    {"instructions": "Be exact.", "input": [{"role": "user", "content": "hello"},
+                                            {"role": "assistant", "content": "hi"},
+                                            {"role": "user", "content": "  Price of GPUs?\n"}]},
+    {"input": [{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "Describe"}, {"type": "input_text", "text": "café 日本語 🎉"}]},
+               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Un registre."}]},
+               {"role": "developer", "content": "Answer in French."},
+               {"role": "user", "content": [{"type": "input_text", "text": "And an invoice? " * 40}]}]},
+]
+MESSAGES = [
+    {"messages": [{"role": "user", "content": "What is a chargeback?"}]},
+    {"system": "Answer briefly.", "messages": [{"role": "user", "content": "hello"},
+                                               {"role": "assistant", "content": "hi"},
+                                               {"role": "user", "content": "  Price of GPUs?\n"}]},
+    {"system": [{"type": "text", "text": "You are terse. "}, {"type": "text", "text": "Answer in French."}],
+     "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe"},
+                                               {"type": "text", "text": "café 日本語 🎉"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Un registre."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "And an invoice? " * 40}]}]},
+]
+RESPONSES_CHUNK = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                   "content_index": 0, "delta": "Sure"}
+MESSAGES_CHUNK = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Sure"}}
+AGENT_CASES = [("/v1/responses", {"max_output_tokens": 2, **r}, RESPONSES_CHUNK, "input_tokens") for r in RESPONSES] + [
+    ("/v1/messages", {"max_tokens": 2, **r}, MESSAGES_CHUNK, "input_tokens") for r in MESSAGES]
+
+
+@pytest.mark.parametrize(("path", "request_", "chunk", "key"), AGENT_CASES,
+                         ids=[f"{c[0].rsplit('/', 1)[1]}-{i}" for i, c in enumerate(AGENT_CASES)])
+def test_aborted_responses_and_messages_prompts_count_what_the_simulator_counts(sim, path, request_, chunk, key):
+    """A Responses or Messages stream cut before its usage (for Messages: before message_start)
+    is counted through the chat template, and through vLLM's /tokenize when no template is here,
+    both as the simulator counted the same request."""
+    request_ = {"model": MODEL, **request_}
+    want = _post(sim, path, request_)["usage"][key]
+    ev = _aborted(TokenizerRegistry(models={MODEL: "llama3"}), path, request_, chunk)
+    assert ev.prompt_tokens == want and ev.token_source == TokenSource.TOKENIZER
+    assert ev.tokenizer.endswith("+chat_template")
+    ev, ex = _aborted_exchange(TokenizerRegistry(models={}), path, request_, chunk)
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE  # to be recounted by /tokenize
+    recount = ex.processor.recount_request()
+    assert recount is not None and len(recount.prompt) == 1
+    assert _post(sim, "/tokenize", recount.prompt[0])["count"] == want

@@ -192,6 +192,21 @@ RESPONSES = [
                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Un registre."}]},
                {"role": "developer", "content": "Answer in French."},
                {"role": "user", "content": [{"type": "input_text", "text": "And an invoice? " * 40}]}]},
+    # an agent's turn: reasoning, text and calls fold into one assistant message, as vLLM folds them
+    {"instructions": "Use tools.", "input": [
+        {"role": "user", "content": "What is 6 times 7?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "Multiply."}, {"type": "reasoning_text", "text": "Twice."}]},
+        {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+         "content": [{"type": "output_text", "text": "Calling."}, {"type": "output_text", "text": "Ignored."}]},
+        {"type": "function_call", "call_id": "c1", "name": "mul", "arguments": '{"a": 6, "b": 7}'},
+        {"type": "function_call", "call_id": "c2", "name": "log", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "ok"}]},
+        {"type": "function_call", "call_id": "c3", "name": "done", "arguments": "{}"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Summarised."}]},
+        {"role": "assistant", "content": "It is 42."},
+        {"role": "user", "content": "Thanks."}]},
 ]
 MESSAGES = [
     {"messages": [{"role": "user", "content": "What is a chargeback?"}]},
@@ -203,6 +218,21 @@ MESSAGES = [
                                                {"type": "text", "text": "café 日本語 🎉"}]},
                   {"role": "assistant", "content": [{"type": "text", "text": "Un registre."}]},
                   {"role": "user", "content": [{"type": "text", "text": "And an invoice? " * 40}]}]},
+    # Claude Code's shape: an attribution block in the system prompt, thinking, tool use and
+    # results, empty text blocks (vLLM drops them, and a user turn left with no text)
+    {"system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=abc"},
+                {"type": "text", "text": ""}, {"type": "text", "text": "You are a coding agent."}],
+     "messages": [{"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "List files."}]},
+                  {"role": "assistant", "content": [
+                      {"type": "thinking", "thinking": "Use ls.", "signature": "sig"},
+                      {"type": "text", "text": "Listing."},
+                      {"type": "tool_use", "id": "t1", "name": "bash", "input": {"cmd": "ls", "all": True}}]},
+                  {"role": "user", "content": [
+                      {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "a.py"},
+                                                                               {"type": "text", "text": "b.py"}]}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"},
+                                               {"type": "text", "text": "Now explain."}]}]},
 ]
 RESPONSES_CHUNK = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
                    "content_index": 0, "delta": "Sure"}
@@ -227,3 +257,26 @@ def test_aborted_responses_and_messages_prompts_count_what_the_simulator_counts(
     recount = ex.processor.recount_request()
     assert recount is not None and len(recount.prompt) == 1
     assert _post(sim, "/tokenize", recount.prompt[0])["count"] == want
+
+
+def test_a_template_gets_tool_calls_and_reasoning_as_vllm_hands_them(tmp_path):
+    """vLLM decodes an assistant's tool-call arguments to a mapping before the template runs
+    (invalid or non-object JSON becomes {}), drops an empty tool_calls list and passes the
+    reasoning as `reasoning_content` too; templates that render them count what vLLM counts."""
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}[{{ m.role }}|{{ m.reasoning_content or '' }}|{{ m.content }}"
+        "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}<{{ c.function.name }}"
+        "{{ c.function.arguments | tojson }}>{% endfor %}{% else %}-{% endif %}]{% endfor %}")}))
+    template = load_chat_template(cfg)
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "reasoning": "think", "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"a":1,"b":"é"}'}},
+                    {"id": "2", "type": "function", "function": {"name": "g", "arguments": "not json"}},
+                    {"id": "3", "type": "function", "function": {"name": "h", "arguments": "[1]"}},
+                    {"id": "4", "type": "function", "function": {"name": "k", "arguments": ""}}]},
+                {"role": "assistant", "content": "x", "tool_calls": []}]
+    before = json.dumps(messages)
+    assert template.render(messages, add_generation_prompt=False) == (
+        '[user||go-][assistant|think|<f{"a": 1, "b": "é"}><g{}><h{}><k{}>][assistant||x-]')
+    assert json.dumps(messages) == before  # the request itself is left as it came

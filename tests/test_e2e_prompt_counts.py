@@ -99,13 +99,21 @@ AGENT_SETUPS = {
     "template": {"models": {MODEL: "llama3"}},
     "tokenize": {"models": {}, "tokenize_url": "SIM"},
 }
-RESPONSES_KW = dict(instructions="Answer briefly.", input=[
-    {"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"},
+RESPONSES_KW = dict(instructions="Answer briefly.", input=[  # an agent's conversation, one tool call in it
+    {"role": "user", "content": "hello there"},
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Look it up."}]},
+    {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": '{"term": "chargeback"}'},
+    {"type": "function_call_output", "call_id": "c1", "output": "internal billing of shared costs"},
+    {"role": "assistant", "content": "hi"},
     {"role": "user", "content": [{"type": "input_text", "text": "Explain"}, {"type": "input_text", "text": "chargeback."}]}])
 MESSAGES_KW = dict(system=[{"type": "text", "text": "You are terse. "}, {"type": "text", "text": "Answer briefly."}],
-                   messages=[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"},
-                             {"role": "user", "content": [{"type": "text", "text": "Explain"},
-                                                          {"type": "text", "text": "chargeback."}]}])
+                   messages=[{"role": "user", "content": "hello there"},
+                             {"role": "assistant", "content": [
+                                 {"type": "text", "text": "hi"},
+                                 {"type": "tool_use", "id": "t1", "name": "lookup", "input": {"term": "chargeback"}}]},
+                             {"role": "user", "content": [
+                                 {"type": "tool_result", "tool_use_id": "t1", "content": "internal billing"},
+                                 {"type": "text", "text": "Explain"}, {"type": "text", "text": "chargeback."}]}])
 
 
 @pytest.fixture(scope="module")

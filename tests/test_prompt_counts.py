@@ -280,3 +280,14 @@ def test_a_template_gets_tool_calls_and_reasoning_as_vllm_hands_them(tmp_path):
     assert template.render(messages, add_generation_prompt=False) == (
         '[user||go-][assistant|think|<f{"a": 1, "b": "é"}><g{}><h{}><k{}>][assistant||x-]')
     assert json.dumps(messages) == before  # the request itself is left as it came
+
+
+def test_a_responses_request_continuing_a_stored_one_stays_an_estimate(sim):
+    """With previous_response_id vLLM prepends a history only it holds: counting the visible
+    input is no exact count, and vLLM's /tokenize cannot be asked for it either."""
+    request_ = {"model": MODEL, "previous_response_id": "resp_earlier", "input": "And then?"}
+    ev, ex = _aborted_exchange(TokenizerRegistry(models={MODEL: "llama3"}), "/v1/responses", request_, RESPONSES_CHUNK)
+    alone = _post(sim, "/v1/responses", {"model": MODEL, "input": "And then?", "max_output_tokens": 2})
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE
+    assert ev.prompt_tokens == alone["usage"]["input_tokens"]  # the visible part, counted exactly
+    assert ex.processor.recount_request() is None

@@ -13,7 +13,14 @@ from typing import Any
 
 import orjson
 
-from extproc.processors.base import EndpointProcessor, Usage, _as_int, _error_message
+from extproc.processors.base import (
+    EndpointProcessor,
+    RecountRequest,
+    Usage,
+    _as_int,
+    _error_message,
+)
+from extproc.tokenizers import TokenCounter
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 # The events after which vLLM sends nothing more.
@@ -190,6 +197,17 @@ class ResponsesProcessor(EndpointProcessor):
 
     def chat_messages(self) -> list[dict[str, Any]] | None:
         return input_messages(self.request) if self.request else None
+
+    def _continues(self) -> bool:
+        # vLLM prepends the stored conversation of previous_response_id, which only it holds
+        return bool(self.request.get("previous_response_id"))
+
+    def count_prompt(self, counter: TokenCounter) -> tuple[int, bool]:
+        count, exact = super().count_prompt(counter)
+        return count, exact and not self._continues()
+
+    def recount_request(self) -> RecountRequest | None:
+        return None if self._continues() else super().recount_request()
 
     def prompt_text(self) -> str:
         return messages_text(input_messages(self.request))

@@ -46,6 +46,34 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _arguments(value: Any) -> dict[str, Any]:
+    """Tool-call arguments as templates get them from vLLM (and Transformers): a mapping, the
+    JSON string decoded; empty, invalid or not an object becomes {}."""
+    if isinstance(value, str) and value:
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _as_vllm_renders(message: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the message as vLLM hands it to the template: string content, the reasoning
+    under both names, an assistant's tool-call arguments decoded (an empty list dropped)."""
+    out = {**message, "content": _text(message.get("content"))}
+    if isinstance(out.get("reasoning"), str):
+        out.setdefault("reasoning_content", out["reasoning"])
+    calls = out.get("tool_calls")
+    if out.get("role") == "assistant" and isinstance(calls, list):
+        if not calls:
+            del out["tool_calls"]
+        else:
+            out["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
+                if isinstance(c, dict) and isinstance(c.get("function"), dict) else c for c in calls]
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ChatTemplate:
     source: str
@@ -56,7 +84,7 @@ class ChatTemplate:
     add_bos_token: bool
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        msgs = [{**m, "content": _text(m.get("content"))} for m in messages if isinstance(m, dict)]
+        msgs = [_as_vllm_renders(m) for m in messages if isinstance(m, dict)]
         try:
             return self.template.render(
                 messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,

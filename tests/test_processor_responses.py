@@ -89,10 +89,29 @@ def test_input_as_chat_messages():
         "junk"]}
     assert input_messages(req) == [
         {"role": "system", "content": "sys"}, {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "", "tool_calls": [
+        {"role": "assistant", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     assert input_messages({"input": "hello"}) == [{"role": "user", "content": "hello"}]
+    # an agent's turn (reasoning, text, calls) is one assistant message, as vLLM folds it
+    turn = {"input": [
+        {"role": "user", "content": "go"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}],
+         "content": [{"type": "reasoning_text", "text": "r1"}, {"type": "reasoning_text", "text": "r2"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "t1"},
+                                                             {"type": "output_text", "text": "t2"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": "42"}]},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "only a summary"}]},
+        {"type": "reasoning", "summary": []}]}
+    assert input_messages(turn) == [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "reasoning": "r1", "content": "t1", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "assistant", "reasoning": "only a summary"}, {"role": "assistant", "reasoning": ""}]
     ex, _, _, _ = run("/v1/responses", {"model": "m", "input": "hello"}, 200, [orjson.dumps(_resp())])
     assert ex.processor.chat_messages() == [{"role": "user", "content": "hello"}]
 

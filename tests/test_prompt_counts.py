@@ -44,6 +44,10 @@ def _post(sim: str, path: str, body: dict) -> dict:
 
 def _aborted(registry: TokenizerRegistry, path: str, request: dict, chunk: dict):  # noqa: ANN202
     """The request streamed, one output chunk arrived, then Envoy reset the stream."""
+    return _aborted_exchange(registry, path, request, chunk)[0]
+
+
+def _aborted_exchange(registry: TokenizerRegistry, path: str, request: dict, chunk: dict):  # noqa: ANN202
     stats = SidecarStats()
     ex = Exchange(Attribution(AttributionSettings(), stats), ProcessorContext(registry), stats)
     for msg in (m.request_headers(path), m.body(orjson.dumps({**request, "stream": True}), eos=True),
@@ -51,7 +55,7 @@ def _aborted(registry: TokenizerRegistry, path: str, request: dict, chunk: dict)
         ex.handle(msg.WhichOneof("request"), getattr(msg, msg.WhichOneof("request")))
     ev = ex.finish()
     assert ev.client_aborted and ev.completion_tokens > 0
-    return ev
+    return ev, ex
 
 
 CHAT_CHUNK = {"model": MODEL, "choices": [{"index": 0, "delta": {"content": "Sure"}}]}
@@ -173,3 +177,117 @@ def test_simulator_tokenize_refuses_what_vllm_refuses(sim):
     assert status == 400
     status, body = _post_status(sim, "/detokenize", {"tokens": ["a"]})
     assert status == 400
+
+
+# Responses `input`/`instructions` and Messages `system` + content blocks, in the shapes clients
+# send; vLLM turns each into chat messages and renders the chat template, so must the fallback.
+RESPONSES = [
+    {"input": "What is a chargeback?"},
+    {"instructions": "Answer briefly.", "input": "What is a chargeback?"},
+    {"instructions": "Be exact.", "input": [{"role": "user", "content": "hello"},
+                                            {"role": "assistant", "content": "hi"},
+                                            {"role": "user", "content": "  Price of GPUs?\n"}]},
+    {"input": [{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "Describe"}, {"type": "input_text", "text": "café 日本語 🎉"}]},
+               {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Un registre."}]},
+               {"role": "developer", "content": "Answer in French."},
+               {"role": "user", "content": [{"type": "input_text", "text": "And an invoice? " * 40}]}]},
+    # an agent's turn: reasoning, text and calls fold into one assistant message, as vLLM folds them
+    {"instructions": "Use tools.", "input": [
+        {"role": "user", "content": "What is 6 times 7?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "Multiply."}, {"type": "reasoning_text", "text": "Twice."}]},
+        {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+         "content": [{"type": "output_text", "text": "Calling."}, {"type": "output_text", "text": "Ignored."}]},
+        {"type": "function_call", "call_id": "c1", "name": "mul", "arguments": '{"a": 6, "b": 7}'},
+        {"type": "function_call", "call_id": "c2", "name": "log", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "ok"}]},
+        {"type": "function_call", "call_id": "c3", "name": "done", "arguments": "{}"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Summarised."}]},
+        {"role": "assistant", "content": "It is 42."},
+        {"role": "user", "content": "Thanks."}]},
+]
+MESSAGES = [
+    {"messages": [{"role": "user", "content": "What is a chargeback?"}]},
+    {"system": "Answer briefly.", "messages": [{"role": "user", "content": "hello"},
+                                               {"role": "assistant", "content": "hi"},
+                                               {"role": "user", "content": "  Price of GPUs?\n"}]},
+    {"system": [{"type": "text", "text": "You are terse. "}, {"type": "text", "text": "Answer in French."}],
+     "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe"},
+                                               {"type": "text", "text": "café 日本語 🎉"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Un registre."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "And an invoice? " * 40}]}]},
+    # Claude Code's shape: an attribution block in the system prompt, thinking, tool use and
+    # results, empty text blocks (vLLM drops them, and a user turn left with no text)
+    {"system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=abc"},
+                {"type": "text", "text": ""}, {"type": "text", "text": "You are a coding agent."}],
+     "messages": [{"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "List files."}]},
+                  {"role": "assistant", "content": [
+                      {"type": "thinking", "thinking": "Use ls.", "signature": "sig"},
+                      {"type": "text", "text": "Listing."},
+                      {"type": "tool_use", "id": "t1", "name": "bash", "input": {"cmd": "ls", "all": True}}]},
+                  {"role": "user", "content": [
+                      {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "a.py"},
+                                                                               {"type": "text", "text": "b.py"}]}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"},
+                                               {"type": "text", "text": "Now explain."}]}]},
+]
+RESPONSES_CHUNK = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                   "content_index": 0, "delta": "Sure"}
+MESSAGES_CHUNK = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Sure"}}
+AGENT_CASES = [("/v1/responses", {"max_output_tokens": 2, **r}, RESPONSES_CHUNK, "input_tokens") for r in RESPONSES] + [
+    ("/v1/messages", {"max_tokens": 2, **r}, MESSAGES_CHUNK, "input_tokens") for r in MESSAGES]
+
+
+@pytest.mark.parametrize(("path", "request_", "chunk", "key"), AGENT_CASES,
+                         ids=[f"{c[0].rsplit('/', 1)[1]}-{i}" for i, c in enumerate(AGENT_CASES)])
+def test_aborted_responses_and_messages_prompts_count_what_the_simulator_counts(sim, path, request_, chunk, key):
+    """A Responses or Messages stream cut before its usage (for Messages: before message_start)
+    is counted through the chat template, and through vLLM's /tokenize when no template is here,
+    both as the simulator counted the same request."""
+    request_ = {"model": MODEL, **request_}
+    want = _post(sim, path, request_)["usage"][key]
+    ev = _aborted(TokenizerRegistry(models={MODEL: "llama3"}), path, request_, chunk)
+    assert ev.prompt_tokens == want and ev.token_source == TokenSource.TOKENIZER
+    assert ev.tokenizer.endswith("+chat_template")
+    ev, ex = _aborted_exchange(TokenizerRegistry(models={}), path, request_, chunk)
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE  # to be recounted by /tokenize
+    recount = ex.processor.recount_request()
+    assert recount is not None and len(recount.prompt) == 1
+    assert _post(sim, "/tokenize", recount.prompt[0])["count"] == want
+
+
+def test_a_template_gets_tool_calls_and_reasoning_as_vllm_hands_them(tmp_path):
+    """vLLM decodes an assistant's tool-call arguments to a mapping before the template runs
+    (invalid or non-object JSON becomes {}), drops an empty tool_calls list and passes the
+    reasoning as `reasoning_content` too; templates that render them count what vLLM counts."""
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}[{{ m.role }}|{{ m.reasoning_content or '' }}|{{ m.content }}"
+        "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}<{{ c.function.name }}"
+        "{{ c.function.arguments | tojson }}>{% endfor %}{% else %}-{% endif %}]{% endfor %}")}))
+    template = load_chat_template(cfg)
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "reasoning": "think", "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"a":1,"b":"é"}'}},
+                    {"id": "2", "type": "function", "function": {"name": "g", "arguments": "not json"}},
+                    {"id": "3", "type": "function", "function": {"name": "h", "arguments": "[1]"}},
+                    {"id": "4", "type": "function", "function": {"name": "k", "arguments": ""}}]},
+                {"role": "assistant", "content": "x", "tool_calls": []}]
+    before = json.dumps(messages)
+    assert template.render(messages, add_generation_prompt=False) == (
+        '[user||go-][assistant|think|<f{"a": 1, "b": "é"}><g{}><h{}><k{}>][assistant||x-]')
+    assert json.dumps(messages) == before  # the request itself is left as it came
+
+
+def test_a_responses_request_continuing_a_stored_one_stays_an_estimate(sim):
+    """With previous_response_id vLLM prepends a history only it holds: counting the visible
+    input is no exact count, and vLLM's /tokenize cannot be asked for it either."""
+    request_ = {"model": MODEL, "previous_response_id": "resp_earlier", "input": "And then?"}
+    ev, ex = _aborted_exchange(TokenizerRegistry(models={MODEL: "llama3"}), "/v1/responses", request_, RESPONSES_CHUNK)
+    alone = _post(sim, "/v1/responses", {"model": MODEL, "input": "And then?", "max_output_tokens": 2})
+    assert ev.token_source == TokenSource.TOKENIZER_ESTIMATE
+    assert ev.prompt_tokens == alone["usage"]["input_tokens"]  # the visible part, counted exactly
+    assert ex.processor.recount_request() is None

@@ -84,20 +84,22 @@ def openai_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
                                            "arguments": orjson.dumps(block.get("input") or {}).decode()}})
             elif kind == "tool_result":
                 result = block.get("content")
-                text = result if isinstance(result, str) else "\n".join(
-                    b.get("text", "") for b in result if isinstance(b, dict) and b.get("type") == "text"
-                ) if isinstance(result, list) else ""
                 if role == "user":
+                    text = result if isinstance(result, str) else "\n".join(
+                        b.get("text", "") for b in result if isinstance(b, dict) and b.get("type") == "text"
+                    ) if isinstance(result, list) else ""
                     out.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""), "content": text})
-                else:
-                    texts.append(f"Tool result: {text}")
+                else:  # vLLM writes the result as Python prints it (a list as its repr)
+                    texts.append(f"Tool result: {result or ''}")
         if reasoning:
             converted["reasoning"] = "".join(reasoning)
         if calls:
             converted["tool_calls"] = calls
         if texts:
             converted["content"] = texts[0] if len(texts) == 1 else "\n".join(texts)
-        if texts or calls or reasoning:
+        # vLLM keeps an assistant turn even when empty; a user turn without text (tool results
+        # only) is dropped
+        if role != "user" or texts:
             out.append(converted)
     return out
 

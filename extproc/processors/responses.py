@@ -13,7 +13,14 @@ from typing import Any
 
 import orjson
 
-from extproc.processors.base import EndpointProcessor, Usage, _as_int, _error_message
+from extproc.processors.base import (
+    EndpointProcessor,
+    RecountRequest,
+    Usage,
+    _as_int,
+    _error_message,
+)
+from extproc.tokenizers import TokenCounter
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 # The events after which vLLM sends nothing more.
@@ -41,10 +48,58 @@ def _parts_text(content: Any) -> str:
     return ""
 
 
+def _first_text(content: Any) -> str | None:
+    """An assistant item's text as vLLM takes it: the string, or the first part's text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        text = content[0].get("text")
+        return text if isinstance(text, str) else None
+    return None
+
+
+def _item_message(item: dict[str, Any], prev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One input item as a chat message, or None when it was folded into `prev`: vLLM folds a
+    function call, a reasoning item or an assistant text into the assistant message before it
+    while that message lacks the part, so an agent's turn stays one message."""
+    assistant = prev if prev is not None and prev.get("role") == "assistant" else None
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        call = {"id": item.get("call_id", ""), "type": "function",
+                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")}}
+        if assistant is not None:
+            assistant.setdefault("tool_calls", []).append(call)
+            return None
+        return {"role": "assistant", "tool_calls": [call]}
+    if kind == "reasoning":
+        content, summary = item.get("content"), item.get("summary")
+        source = content if isinstance(content, list) and content else summary
+        reasoning = _first_text(source if isinstance(source, list) and source else None) or ""
+        if assistant is not None and assistant.get("reasoning") is None:
+            assistant["reasoning"] = reasoning
+            return None
+        return {"role": "assistant", "reasoning": reasoning}
+    if kind == "function_call_output":
+        output = item.get("output")
+        return {"role": "tool", "tool_call_id": item.get("call_id", ""),
+                "content": output if isinstance(output, str) else _parts_text(output)}
+    if kind != "message" or not isinstance(item.get("role"), str):
+        return None  # not a prompt item (vLLM refuses what it cannot render)
+    if item["role"] == "assistant":
+        text = _first_text(item.get("content"))
+        if text is not None:
+            if assistant is not None and assistant.get("content") is None:
+                assistant["content"] = text
+                return None
+            return {"role": "assistant", "content": text}
+    return {"role": item["role"], "content": _parts_text(item.get("content"))}
+
+
 def input_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
     """The request as OpenAI chat messages, as vLLM builds them before the chat template:
     instructions as the system message, a string input as one user message, input items as
-    messages (function calls as assistant tool calls, their outputs as tool messages)."""
+    messages (function calls as assistant tool calls, their outputs as tool messages, reasoning
+    as the assistant's reasoning). A previous_response_id's stored history is vLLM's alone."""
     out: list[dict[str, Any]] = []
     instructions = request.get("instructions")
     if isinstance(instructions, str) and instructions:
@@ -56,23 +111,10 @@ def input_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         return out
     for item in items:
-        if not isinstance(item, dict):
-            continue
-        kind = item.get("type", "message")
-        if kind == "message" and isinstance(item.get("role"), str):
-            out.append({"role": item["role"], "content": _parts_text(item.get("content"))})
-        elif kind == "function_call":
-            out.append({"role": "assistant", "content": "", "tool_calls": [{
-                "id": item.get("call_id", ""), "type": "function",
-                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")}}]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id", ""),
-                        "content": output if isinstance(output, str) else _parts_text(output)})
-        elif kind == "reasoning":
-            text = _parts_text(item.get("content")) or _parts_text(item.get("summary"))
-            if text:
-                out.append({"role": "assistant", "content": "", "reasoning": text})
+        if isinstance(item, dict):
+            message = _item_message(item, out[-1] if out else None)
+            if message is not None:
+                out.append(message)
     return out
 
 
@@ -155,6 +197,17 @@ class ResponsesProcessor(EndpointProcessor):
 
     def chat_messages(self) -> list[dict[str, Any]] | None:
         return input_messages(self.request) if self.request else None
+
+    def _continues(self) -> bool:
+        # vLLM prepends the stored conversation of previous_response_id, which only it holds
+        return bool(self.request.get("previous_response_id"))
+
+    def count_prompt(self, counter: TokenCounter) -> tuple[int, bool]:
+        count, exact = super().count_prompt(counter)
+        return count, exact and not self._continues()
+
+    def recount_request(self) -> RecountRequest | None:
+        return None if self._continues() else super().recount_request()
 
     def prompt_text(self) -> str:
         return messages_text(input_messages(self.request))

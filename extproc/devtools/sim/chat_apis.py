@@ -12,6 +12,7 @@ shape {"type": "error", "error": {"type", "message"}}.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,8 +58,59 @@ def _text(content: Any, where: tuple[Any, ...], kinds: tuple[str, ...]) -> str:
     raise validation_error("union_type", where, "Input should be a valid string or a list of content parts")
 
 
+def _first_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        text = content[0].get("text")
+        return text if isinstance(text, str) else None
+    return None
+
+
+def _response_item(item: dict[str, Any], i: int, prev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """vLLM's construct_chat_messages_with_tool_call for one item: function calls, reasoning
+    and assistant text fold into the assistant message before them while it lacks that part."""
+    assistant = prev if prev is not None and prev.get("role") == "assistant" else None
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        for name in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(name), str):
+                raise validation_error("missing", ("body", "input", i, name), "Field required")
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]}}
+        if assistant is not None:
+            assistant.setdefault("tool_calls", []).append(call)
+            return None
+        return {"role": "assistant", "tool_calls": [call]}
+    if kind == "reasoning":
+        if item.get("encrypted_content"):
+            raise bad_request("Encrypted content is not supported.")
+        content, summary = item.get("content"), item.get("summary")
+        reasoning = _first_text(content if content else summary) or ""
+        if assistant is not None and assistant.get("reasoning") is None:
+            assistant["reasoning"] = reasoning
+            return None
+        return {"role": "assistant", "reasoning": reasoning}
+    if kind == "function_call_output":
+        output = item.get("output")
+        return {"role": "tool", "tool_call_id": item.get("call_id"),
+                "content": _text(output, ("body", "input", i, "output"), ("input_text", "output_text", "text"))}
+    if kind != "message" or "role" not in item:
+        raise bad_request("only message, function_call, function_call_output and reasoning input items "
+                          "are supported by the simulator")
+    if item["role"] == "assistant":
+        text = _first_text(item.get("content"))
+        if text is not None:
+            if assistant is not None and assistant.get("content") is None:
+                assistant["content"] = text
+                return None
+            return {"role": "assistant", "content": text}
+    return {"role": item["role"],
+            "content": _text(item.get("content"), ("body", "input", i), ("input_text", "output_text"))}
+
+
 def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     instructions = field(body, "instructions", str)
     if instructions:
         out.append({"role": "system", "content": instructions})
@@ -68,11 +120,62 @@ def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         raise validation_error("union_type", ("body", "input"), "Input should be a valid string or list")
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
+        if not isinstance(item, dict):
             raise bad_request("only message input items are supported by the simulator")
-        out.append({"role": item["role"],
-                    "content": _text(item.get("content"), ("body", "input", i), ("input_text", "output_text"))})
+        message = _response_item(item, i, out[-1] if out else None)
+        if message is not None:
+            out.append(message)
     return out
+
+
+def _anthropic_text(block: dict[str, Any]) -> str | None:
+    """A text block's text as vLLM keeps it: empty text and Claude Code's per-request
+    attribution header are dropped."""
+    text = block.get("text")
+    if not isinstance(text, str) or not text or text.startswith("x-anthropic-billing-header"):
+        return None
+    return text
+
+
+def _anthropic_blocks(role: str, content: list[Any], where: tuple[Any, ...],
+                      out: list[dict[str, Any]]) -> dict[str, Any]:
+    """vLLM's _convert_message_content: text blocks as content (one as a string, several as
+    parts), thinking as reasoning, tool_use as tool calls, a user's tool_result as a tool
+    message appended before the turn itself."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    reasoning: list[str] = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            if isinstance(block.get("text"), str) and block["text"]:
+                texts.append(block["text"])
+        elif kind == "thinking" and block.get("thinking") is not None:
+            reasoning.append(block["thinking"])
+        elif kind == "tool_use":
+            calls.append({"id": block.get("id") or "call_0", "type": "function",
+                          "function": {"name": block.get("name") or "",
+                                       "arguments": json.dumps(block.get("input") or {})}})
+        elif kind == "tool_result":
+            result = block.get("content")
+            if role == "user":
+                text = result if isinstance(result, str) else "\n".join(
+                    b.get("text", "") for b in result if isinstance(b, dict) and b.get("type") == "text"
+                ) if isinstance(result, list) else ""
+                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id") or "", "content": text or ""})
+            else:
+                texts.append(f"Tool result: {result if result else ''}")
+        elif kind not in ("thinking", "redacted_thinking"):
+            raise validation_error("literal_error", (*where, j, "type"),
+                                   "Input should be 'text', 'tool_use', 'tool_result' or 'thinking'")
+    converted: dict[str, Any] = {"role": role}
+    if reasoning:
+        converted["reasoning"] = "".join(reasoning)
+    if calls:
+        converted["tool_calls"] = calls
+    if texts:
+        converted["content"] = texts[0] if len(texts) == 1 else [{"type": "text", "text": t} for t in texts]
+    return converted
 
 
 def anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -81,14 +184,24 @@ def anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         raise validation_error("list_type", ("body", "messages"), "Input should be a valid list")
     system = body.get("system")
     if isinstance(system, list):  # vLLM joins the system blocks with nothing between
-        system_text = "".join(_text([b], ("body", "system"), ("text",)) for b in system)
+        _text(system, ("body", "system"), ("text",))  # refuses what is not text
+        system_text = "".join(t for b in system if (t := _anthropic_text(b)) is not None)
     else:
         system_text = _text(system, ("body", "system"), ("text",)) if system else ""
     out = [{"role": "system", "content": system_text}] if system_text else []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise validation_error("literal_error", ("body", "messages", i, "role"), "Input should be 'user' or 'assistant'")
-        out.append({"role": m["role"], "content": _text(m.get("content"), ("body", "messages", i, "content"), ("text",))})
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise validation_error("union_type", ("body", "messages", i, "content"),
+                                   "Input should be a valid string or a list of content blocks")
+        converted = _anthropic_blocks(m["role"], content, ("body", "messages", i, "content"), out)
+        if m["role"] != "user" or "content" in converted:
+            out.append(converted)
     return out
 
 

@@ -134,7 +134,7 @@ class Governor:
         self.stats = GovernanceStats()
         self._alert = alert
         self._clock = clock
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         # last value seen of each budget counter (for metrics and reports without a round trip)
         self.known: dict[str, int] = {}
         # (policy, time the next period starts, rows by id(budget)): see budget_keys

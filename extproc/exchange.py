@@ -11,13 +11,16 @@ import functools
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import cast
 
 import orjson
 
 from extproc import wire
+from extproc._pb import ext_proc_wire_pb2 as pb
 from extproc.events import TokenSource, UsageEvent
 from extproc.governance.governor import Admission, Governor, Identity, Refusal
+from extproc.governance.policy import Budget
 from extproc.labels import Attribution
 from extproc.processors import (
     EndpointProcessor,
@@ -29,6 +32,9 @@ from extproc.processors import (
 from extproc.stats import SidecarStats
 
 log = logging.getLogger(__name__)
+
+# An answer now, or (admission against a remote ledger) a future of it.
+Answer = wire.ProcessingResponse | asyncio.Future[wire.ProcessingResponse]
 
 # Added to the request by the hybrid mode's request filter; the response filter's stream reads it.
 CORRELATION_HEADER = "x-extproc-correlation"
@@ -115,20 +121,21 @@ class Exchange:
         self.role = ""
         self.correlation_id = ""
 
-    def handle(self, kind: str, msg) -> wire.ProcessingResponse:  # noqa: ANN001 - a oneof member
+    def handle(self, kind: str, msg: wire.Message) -> Answer:
+        # `kind` names the oneof member `msg` was read from, so the casts hold.
         if kind == wire.REQUEST_HEADERS:
-            return self._on_request_headers(msg)
+            return self._on_request_headers(cast(pb.HttpHeaders, msg))
         if kind == wire.REQUEST_BODY:
-            return self._on_request_body(msg)
+            return self._on_request_body(cast(pb.HttpBody, msg))
         if kind == wire.RESPONSE_HEADERS:
-            return self._on_response_headers(msg)
+            return self._on_response_headers(cast(pb.HttpHeaders, msg))
         if kind == wire.RESPONSE_BODY:
-            return self._on_response_body(msg)
+            return self._on_response_body(cast(pb.HttpBody, msg))
         if kind == wire.RESPONSE_TRAILERS:
             self.response_done = True
         return wire.continue_response(kind)
 
-    def _on_request_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+    def _on_request_headers(self, msg: pb.HttpHeaders) -> wire.ProcessingResponse:
         headers = wire.decode_headers(msg.headers, self._request_headers)
         ev = self.event
         ev.method = headers.get(":method", "")
@@ -136,19 +143,20 @@ class Exchange:
         ev.request_id = headers.get("x-request-id", "")
         ev.labels.update(self._attribution.labels(headers))
         self.processor = processor_for(ev.method, ev.path, self._ctx)
-        if self._governor is not None:
-            refusal = self._identify(headers)
+        gov = self._governor
+        if gov is not None:
+            refusal = self._identify(gov, headers)
             if refusal is not None and not self.observe:
-                return self._refuse(refusal)
+                return self._refuse(gov, refusal)
             if self.observe:  # Envoy does not wait for answers: attribution only, counted
                 self._stats.errors["policy_not_enforced_observe_mode"] += 1
         resp = self._request_headers_answer(msg)
         ident = self.identity
-        if ident is not None and (ident.key is not None or self._governor.upstream_key):
-            resp = wire.with_request_header_mutation(resp, *self._governor.upstream_headers())
+        if gov is not None and ident is not None and (ident.key is not None or gov.upstream_key):
+            resp = wire.with_request_header_mutation(resp, *gov.upstream_headers())
         return resp
 
-    def _request_headers_answer(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+    def _request_headers_answer(self, msg: pb.HttpHeaders) -> wire.ProcessingResponse:
         ev = self.event
         request_only = self.role == "request"
         if self.processor is None:
@@ -176,8 +184,7 @@ class Exchange:
 
     # -- governance: virtual keys, budgets, rate limits ---------------------------------------
 
-    def _identify(self, headers: dict[str, str]) -> Refusal | None:
-        gov = self._governor
+    def _identify(self, gov: Governor, headers: dict[str, str]) -> Refusal | None:
         found = gov.identify(headers)
         if isinstance(found, Refusal):
             return found
@@ -185,11 +192,11 @@ class Exchange:
         gov.apply_labels(found, self.event.labels, self._attribution.unattributed)
         return None
 
-    def _refuse(self, refusal: Refusal) -> wire.ProcessingResponse:
+    def _refuse(self, gov: Governor, refusal: Refusal) -> wire.ProcessingResponse:
         """Envoy answers the client; the request never reaches the upstream. The event says why
         nothing was served."""
         self.refused = refusal
-        self._governor.stats.refused[refusal.reason] += 1
+        gov.stats.refused[refusal.reason] += 1
         self.request_done = self.response_done = self.response_started = True
         self.event.http_status = refusal.status
         p = self.processor
@@ -203,10 +210,9 @@ class Exchange:
         return wire.immediate_error(refusal.status, refusal.message, error_type=refusal.error_type,
                                     code=refusal.code, headers=refusal.headers)
 
-    def _admit(self, p: EndpointProcessor, answer: wire.ProcessingResponse) -> Any:
+    def _admit(self, gov: Governor, identity: Identity, p: EndpointProcessor, answer: wire.ProcessingResponse) -> Answer:
         """Reserve the request's worst case; `answer` goes to Envoy if admitted. Returns the
         answer, or a future of it when the ledger is remote."""
-        gov = self._governor
         req = p.request
         max_tokens: int | None = None
         if not p.has_output:
@@ -222,22 +228,23 @@ class Exchange:
         def prompt_tokens() -> int:
             return ctx.tokenizers.for_model(p.request_model).count(p.prompt_text())
 
-        plan = gov.plan(self.identity, self.event.labels, p.request_model, prompt_tokens, max_tokens, p.n)
+        plan = gov.plan(identity, self.event.labels, p.request_model, prompt_tokens, max_tokens, p.n)
         decision = gov.admit(plan)
         if isinstance(decision, Admission | Refusal):
-            return self._decided(decision, answer)
+            return self._decided(gov, decision, answer)
         fut = asyncio.ensure_future(decision)
-        return _chain(fut, lambda d: self._decided(d, answer), self._admission_failed, answer)
+        return _chain(fut, lambda d: self._decided(gov, d, answer), self._admission_failed, answer)
 
-    def _decided(self, decision: Admission | Refusal, answer: wire.ProcessingResponse) -> wire.ProcessingResponse:
+    def _decided(self, gov: Governor, decision: Admission | Refusal,
+                 answer: wire.ProcessingResponse) -> wire.ProcessingResponse:
         if isinstance(decision, Refusal):
-            return self._refuse(decision)
+            return self._refuse(gov, decision)
         self.admission = decision
         if self._finished:  # the stream ended while the ledger answered: release at once
-            self._governor.settle(decision, self.event)
+            gov.settle(decision, self.event)
         return answer
 
-    def _end_stream(self, p: EndpointProcessor, budget: Any, served: bytes) -> wire.ProcessingResponse:
+    def _end_stream(self, gov: Governor, p: EndpointProcessor, budget: Budget, served: bytes) -> wire.ProcessingResponse:
         """This chunk's complete events, then an SSE error event (the openai SDK raises APIError
         on it); the next
         message is answered with an immediate response, which makes Envoy reset the stream and
@@ -245,7 +252,7 @@ class Exchange:
         message = (f"Budget exceeded for {budget.scope.name} while streaming: {budget.limit_tokens} tokens per "
                    f"{budget.period}. The response was ended.")
         self.refused = Refusal(429, "budget_exceeded_mid_stream", message, "insufficient_quota", "budget_exceeded")
-        self._governor.stats.refused[self.refused.reason] += 1
+        gov.stats.refused[self.refused.reason] += 1
         p.error, p.error_detail = self.refused.reason, message
         log.info("request %s: stream ended: %s", self.event.request_id, message)
         error = {"error": {"message": message, "type": "insufficient_quota", "param": None, "code": "budget_exceeded"}}
@@ -261,7 +268,7 @@ class Exchange:
         if self.processor is not None:
             self.processor.strip_usage_chunk = False
 
-    def _on_request_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+    def _on_request_body(self, msg: pb.HttpBody) -> Answer:
         p = self.processor
         if p is None:
             return wire.continue_response(wire.REQUEST_BODY)
@@ -292,11 +299,12 @@ class Exchange:
             self.processor = p = p.delegate
         answer = (wire.continue_response(wire.REQUEST_BODY) if replacement is None
                   else wire.replace_request_body(replacement))
-        if self.identity is not None and not self.observe:
-            return self._admit(p, answer)
+        gov, identity = self._governor, self.identity
+        if gov is not None and identity is not None and not self.observe:
+            return self._admit(gov, identity, p, answer)
         return answer
 
-    def _on_response_headers(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+    def _on_response_headers(self, msg: pb.HttpHeaders) -> wire.ProcessingResponse:
         self.response_started = True
         headers = wire.decode_headers(msg.headers, RESPONSE_HEADERS)
         status = headers.get(":status", "0")
@@ -317,7 +325,7 @@ class Exchange:
             return wire.strip_content_length_response()
         return wire.continue_response(wire.RESPONSE_HEADERS)
 
-    def _on_response_body(self, msg) -> wire.ProcessingResponse:  # noqa: ANN001
+    def _on_response_body(self, msg: pb.HttpBody) -> wire.ProcessingResponse:
         p = self.processor
         if not self.response_started:  # response headers are not sent to us
             self.response_started = True
@@ -342,14 +350,14 @@ class Exchange:
         seen = p.live_output_tokens
         replacement = p.on_response_chunk(msg.body, msg.end_of_stream, time.monotonic_ns())
         self._stats.live_output_tokens += p.live_output_tokens - seen
-        adm = self.admission
-        if adm is not None and p.is_sse and p.live_output_tokens > adm.output_reserved and not msg.end_of_stream:
-            over = self._governor.stream_over_budget(adm, p.live_output_tokens)
+        adm, gov = self.admission, self._governor
+        if adm is not None and gov is not None and p.is_sse and p.live_output_tokens > adm.output_reserved and not msg.end_of_stream:
+            over = gov.stream_over_budget(adm, p.live_output_tokens)
             if over is not None:
                 if replacement is None:  # complete events only: a partial one was not counted
                     end = msg.body.rfind(b"\n\n")
                     replacement = msg.body[:end + 2] if end >= 0 else b""
-                return self._end_stream(p, over, replacement)
+                return self._end_stream(gov, p, over, replacement)
         if replacement is None:
             return wire.continue_response(wire.RESPONSE_BODY)
         return wire.replace_response_chunk(replacement)
@@ -387,21 +395,25 @@ class Exchange:
         except Exception as exc:  # a bug in counting must still leave an event behind
             log.exception("filling event for request %s", ev.request_id)
             ev.error, ev.error_detail = "internal_error", f"fill_event: {exc!r}"[:500]
-        if self.admission is not None:
+        gov = self._governor
+        if self.admission is not None and gov is not None:
             try:
-                self._governor.settle(self.admission, ev)
+                gov.settle(self.admission, ev)
             except Exception:  # settling must not cost the event
                 self._stats.errors["settle"] += 1
                 log.exception("settling request %s", ev.request_id)
         return ev
 
 
-def _chain(fut: asyncio.Future, then: Any, failed: Any, fallback: wire.ProcessingResponse) -> asyncio.Future:
+def _chain(fut: asyncio.Future[Admission | Refusal],
+           then: Callable[[Admission | Refusal], wire.ProcessingResponse],
+           failed: Callable[[BaseException], None],
+           fallback: wire.ProcessingResponse) -> asyncio.Future[wire.ProcessingResponse]:
     """A future of `then(result)`; on failure, `failed(exc)` and `fallback` (never an exception
     into the transport)."""
-    out: asyncio.Future = asyncio.get_running_loop().create_future()
+    out: asyncio.Future[wire.ProcessingResponse] = asyncio.get_running_loop().create_future()
 
-    def done(f: asyncio.Future) -> None:
+    def done(f: asyncio.Future[Admission | Refusal]) -> None:
         if out.cancelled():
             return
         try:

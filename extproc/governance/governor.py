@@ -12,14 +12,17 @@ import logging
 import math
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from extproc.events import UsageEvent
 from extproc.governance.ledger import COUNTER_GRACE_S, Bucket, Counter, LocalLedger, Outcome
 from extproc.governance.periods import period_bounds
 from extproc.governance.policy import Budget, KeyEntry, Policy, hash_key, key_id
+
+if TYPE_CHECKING:  # redis is imported only where the Redis ledger is used
+    from extproc.governance.redis_ledger import RedisLedger
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +120,12 @@ def bearer_token(headers: dict[str, str]) -> str:
 
 
 class Governor:
-    def __init__(self, policy: Policy, ledger: Any = None, *, prices: PriceTable | None = None,
+    def __init__(self, policy: Policy, ledger: LocalLedger | RedisLedger | None = None, *, prices: PriceTable | None = None,
                  default_max_tokens: int = 4096, upstream_key: str = "",
                  alert: Callable[[dict[str, Any]], None] | None = None,
                  clock: Callable[[], float] = time.time, stop_streams: bool = False) -> None:
         self.policy = policy
-        self.ledger = ledger if ledger is not None else LocalLedger(clock)
+        self.ledger: LocalLedger | RedisLedger = ledger if ledger is not None else LocalLedger(clock)
         self.prices = prices
         self.default_max_tokens = default_max_tokens
         self.upstream_key = upstream_key
@@ -131,7 +134,7 @@ class Governor:
         self.stats = GovernanceStats()
         self._alert = alert
         self._clock = clock
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         # last value seen of each budget counter (for metrics and reports without a round trip)
         self.known: dict[str, int] = {}
         # (policy, time the next period starts, rows by id(budget)): see budget_keys
@@ -157,7 +160,7 @@ class Governor:
                                 "'Authorization: Bearer <key>'.", "invalid_request_error", "missing_api_key")
         return Identity(None)
 
-    def apply_labels(self, identity: Identity, labels: dict[str, str], unattributed: str) -> None:
+    def apply_labels(self, identity: Identity, labels: MutableMapping[str, str], unattributed: str) -> None:
         """The key's labels win over the client's headers; a header that disagreed is counted."""
         if identity.key is None:
             return
@@ -193,7 +196,7 @@ class Governor:
             return 0
         return micros
 
-    def plan(self, identity: Identity, labels: dict[str, str], model: str,
+    def plan(self, identity: Identity, labels: Mapping[str, str], model: str,
              prompt_tokens: int | Callable[[], int], max_tokens: int | None, n: int = 1) -> Admission:
         """What to reserve. `prompt_tokens` may be a function: the prompt is counted only when a
         budget or limit applies to this request."""
@@ -231,12 +234,13 @@ class Governor:
         if not adm.counters and not adm.buckets:
             self.stats.admitted += 1
             return adm
-        if self.ledger.is_async:
-            return self._admit_async(adm)
-        return self._decide(adm, self.ledger.reserve(adm.counters, adm.buckets))
+        ledger = self.ledger
+        if ledger.is_async is True:
+            return self._admit_async(ledger, adm)
+        return self._decide(adm, ledger.reserve(adm.counters, adm.buckets))
 
-    async def _admit_async(self, adm: Admission) -> Admission | Refusal:
-        return self._decide(adm, await self.ledger.reserve(adm.counters, adm.buckets))
+    async def _admit_async(self, ledger: RedisLedger, adm: Admission) -> Admission | Refusal:
+        return self._decide(adm, await ledger.reserve(adm.counters, adm.buckets))
 
     def _decide(self, adm: Admission, out: Outcome) -> Admission | Refusal:
         for c, total in zip(adm.counters, out.totals, strict=False):
@@ -306,23 +310,25 @@ class Governor:
                   for c, u in zip(adm.counters, adm.units, strict=True)]
         buckets = [Bucket(b.key, b.capacity, used - b.amount)
                    for b, u in zip(adm.buckets, adm.bucket_units, strict=True) if u == "tokens"]
-        if self.ledger.is_async:
-            task = asyncio.ensure_future(self._settle_async(adm, deltas, buckets))
+        ledger = self.ledger
+        if ledger.is_async is True:
+            task = asyncio.ensure_future(self._settle_async(ledger, adm, deltas, buckets))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
         try:
-            totals = self.ledger.adjust(deltas, buckets)
+            totals = ledger.adjust(deltas, buckets)
         except Exception:
             self.stats.settle_errors += 1
             log.exception("settling a reservation")
             return
-        self._thresholds(adm, totals)
+        self._thresholds(ledger, adm, totals)
 
-    async def _settle_async(self, adm: Admission, deltas: list[Counter], buckets: list[Bucket]) -> None:
+    async def _settle_async(self, ledger: RedisLedger, adm: Admission, deltas: list[Counter],
+                            buckets: list[Bucket]) -> None:
         try:
-            totals = await self.ledger.adjust(deltas, buckets)
-            await self._thresholds_async(adm, totals)
+            totals = await ledger.adjust(deltas, buckets)
+            await self._thresholds_async(ledger, adm, totals)
         except Exception:
             self.stats.settle_errors += 1
             log.exception("settling a reservation")
@@ -339,14 +345,14 @@ class Governor:
                     out.append((i, pct, f"a:{c.key}:{pct}"))
         return out
 
-    def _thresholds(self, adm: Admission, totals: list[int]) -> None:
+    def _thresholds(self, ledger: LocalLedger, adm: Admission, totals: list[int]) -> None:
         for i, pct, key in self._crossed(adm, totals):
-            if self.ledger.claim_alert(key, adm.counters[i].expires_at):
+            if ledger.claim_alert(key, adm.counters[i].expires_at):
                 self._fire(adm, i, pct, totals[i])
 
-    async def _thresholds_async(self, adm: Admission, totals: list[int]) -> None:
+    async def _thresholds_async(self, ledger: RedisLedger, adm: Admission, totals: list[int]) -> None:
         for i, pct, key in self._crossed(adm, totals):
-            if await self.ledger.claim_alert(key, adm.counters[i].expires_at):
+            if await ledger.claim_alert(key, adm.counters[i].expires_at):
                 self._fire(adm, i, pct, totals[i])
 
     def _fire(self, adm: Admission, i: int, pct: int, total: int) -> None:
@@ -392,10 +398,11 @@ class Governor:
     async def spend(self) -> list[Spend]:
         rows = self.budget_keys()
         keys = [r[2] for r in rows]
-        if self.ledger.is_async:
-            values = await self.ledger.values(keys)
+        ledger = self.ledger
+        if ledger.is_async is True:
+            values = await ledger.values(keys)
         else:
-            values = [self.ledger.value(k) for k in keys]
+            values = [ledger.value(k) for k in keys]
         self.known.update(zip(keys, values, strict=True))
         return [Spend(b, unit, v, limit, start, end) for (b, unit, _, limit, start, end), v in zip(rows, values,
                                                                                                  strict=True)]

@@ -73,7 +73,7 @@ def revoke_key(path: str | Path, ref: str) -> dict[str, Any]:
     keys = data.get("keys") or []
     digest = hash_key(ref)
     ref_l = ref.lower()
-    hits = [k for k in keys if k.get("name") == ref or k["sha256"] == digest
+    hits: list[dict[str, Any]] = [k for k in keys if k.get("name") == ref or k["sha256"] == digest
             or (len(ref_l) >= 8 and str(k["sha256"]).lower().startswith(ref_l))]
     if not hits:
         raise PolicyError(f"{p}: no key matches {ref[:16]!r} (by name, id or token)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 # A budget counter lives a day past its period: a request that straddles the boundary settles
 # into the key it reserved on.
@@ -57,7 +58,7 @@ class LocalLedger:
     """In-memory state of one process. With N replicas each has its own: a budget is then
     enforced per replica (up to N times the limit overall)."""
 
-    is_async = False
+    is_async: Literal[False] = False
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock

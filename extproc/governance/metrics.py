@@ -4,9 +4,12 @@ time (nothing on the request path). Names are public: rename nothing."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+if TYPE_CHECKING:
+    from extproc.governance.runtime import Governance
 
 BUDGET_SPEND = "extproc.budget.spend"  # tokens or USD (attribute unit), used + reserved
 BUDGET_LIMIT = "extproc.budget.limit"
@@ -23,7 +26,7 @@ WEBHOOK_ERRORS = "extproc.governance.webhook_errors"
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
-def register(meter: Meter, governance: Any) -> None:
+def register(meter: Meter, governance: Governance) -> None:
     gov = governance.governor
     ledger = governance.ledger
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ class Scope:
     key: str = ""
     user: str = ""
 
-    def matches(self, labels: dict[str, str], keys: tuple[str, ...]) -> bool:
+    def matches(self, labels: Mapping[str, str], keys: tuple[str, ...]) -> bool:
         """`keys`: the names the request's key goes by (its name, its id); () without a key."""
         return ((not self.team or labels.get("team") == self.team)
                 and (not self.feature or labels.get("feature") == self.feature)
@@ -119,7 +120,8 @@ class Policy:
 
 
 def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
+    line: int = node.start_mark.line  # yaml ships no types
+    return line + 1
 
 
 class _Reader:
@@ -160,7 +162,7 @@ class _Reader:
         return str(value).strip()
 
     def number(self, node: yaml.Node, what: str, *, integer: bool) -> float | int:
-        value = self.scalar(node, what)
+        value: float | int = self.scalar(node, what)
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
         if not ok or isinstance(value, bool) or value < 0:
             kind = "a non-negative integer" if integer else "a non-negative number"
@@ -246,7 +248,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             raise r.fail(node, "rate limit needs requests_per_minute and/or tokens_per_minute")
         limits.append(RateLimit(scope, rpm, tpm, _line(node)))
     known = {k.id for k in keys.values()} | {key_id(k) for k in keys}
-    for item in (*budgets, *limits):
+    scoped: tuple[Budget | RateLimit, ...] = (*budgets, *limits)
+    for item in scoped:
         if item.scope.key and item.scope.key not in known:
             raise PolicyError(f"{source}:{item.line}: key {item.scope.key!r} names no key in this file "
                               "(use a key's name or the first 12 hex of its sha256)")

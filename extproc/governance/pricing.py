@@ -261,7 +261,7 @@ class _Loader:
         """(since_ns, the mapping node, the `from` node), in file order, dates rising."""
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, f"{what}.changes must be a list of {{from: DATE, ...}}")
-        out = []
+        out: list[tuple[int, yaml.Node, yaml.Node]] = []
         for item in node.value:
             keys = self.mapping(item, f"{what}.changes[]")
             if "from" not in keys:

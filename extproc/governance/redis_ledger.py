@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -122,7 +122,7 @@ def _argv(counters: list[Counter], buckets: list[Bucket]) -> list[Any]:
 
 
 class RedisLedger:
-    is_async = True
+    is_async: Literal[True] = True
 
     def __init__(self, url: str, *, prefix: str = "extproc:", on_failure: str = "open",
                  timeout_s: float = 0.25, local: LocalLedger | None = None) -> None:
@@ -138,7 +138,7 @@ class RedisLedger:
         self._seed = self._client.register_script(_SEED)
         self.errors = 0
         self.fallbacks = 0
-        self._settling: list[tuple[list[Counter], list[Bucket], asyncio.Future]] = []
+        self._settling: list[tuple[list[Counter], list[Bucket], asyncio.Future[dict[str, int]]]] = []
         self._settle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.available = True
@@ -191,7 +191,7 @@ class RedisLedger:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_settlements(self, batch: list[tuple[list[Counter], list[Bucket], asyncio.Future]]) -> None:
+    async def _send_settlements(self, batch: list[tuple[list[Counter], list[Bucket], asyncio.Future[dict[str, int]]]]) -> None:
         counters: dict[str, Counter] = {}
         buckets: dict[str, Bucket] = {}
         for cs, bs, _ in batch:

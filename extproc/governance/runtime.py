@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc.config import ConfigError, Settings
 from extproc.governance.alerts import WebhookSender
@@ -15,6 +15,10 @@ from extproc.governance.ledger import COUNTER_GRACE_S, LocalLedger
 from extproc.governance.policy import Policy, PolicyError
 from extproc.governance.reload import PolicyWatcher
 from extproc.governance.spend_sql import spend_query
+
+if TYPE_CHECKING:
+    from extproc.governance.redis_ledger import RedisLedger
+    from extproc.storage.store import Storage
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ class Governance:
         if p.redis_url:
             from extproc.governance.redis_ledger import RedisLedger
 
-            ledger: Any = RedisLedger(p.redis_url, prefix=p.redis_prefix, on_failure=p.redis_on_failure,
+            ledger: LocalLedger | RedisLedger = RedisLedger(p.redis_url, prefix=p.redis_prefix, on_failure=p.redis_on_failure,
                                       timeout_s=p.redis_timeout_ms / 1000)
         else:
             ledger = LocalLedger()
@@ -46,7 +50,7 @@ class Governance:
         self.governor.policy = policy
         self.governor.stats.reloads += 1
 
-    async def start(self, storage: Any = None) -> None:
+    async def start(self, storage: Storage | None = None) -> None:
         self.webhooks.start()
         if storage is not None:
             await self.restore(storage)
@@ -58,15 +62,20 @@ class Governance:
                  len(pol.rate_limits), pol.require_key,
                  "in Redis (shared by replicas)" if self.ledger.is_async else "in this process only")
 
-    async def restore(self, storage: Any) -> None:
+    async def restore(self, storage: Storage) -> None:
         """The period's spend so far (tokens, and list cost for USD budgets), from ClickHouse: a
         restarted sidecar (or a Redis that lost its data) does not start the month from zero.
         Never lowers a live counter."""
         gov = self.governor
         for b, unit, key, _limit, start, end in gov.budget_keys():
             sql, params = spend_query(b, start, unit)
+
+            def spent_rows(client: Any, sql: str = sql, params: dict[str, Any] = params) -> list[Any]:
+                rows: list[Any] = client.query(sql, parameters=params).result_rows
+                return rows
+
             try:
-                rows = await storage.run(lambda c, sql=sql, params=params: c.query(sql, parameters=params).result_rows)
+                rows = await storage.run(spent_rows)
             except Exception as exc:
                 log.warning("restoring spend of budget %s (line %d) failed: %s", b.scope.name, b.line, exc)
                 continue

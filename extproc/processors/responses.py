@@ -122,7 +122,8 @@ def messages_text(messages: list[dict[str, Any]]) -> str:
     """Role and text of each message, for a tokenizer count when no chat template is at hand."""
     parts = []
     for msg in messages:
-        text = msg.get("content") if isinstance(msg.get("content"), str) else ""
+        content = msg.get("content")
+        text = content if isinstance(content, str) else ""
         for call in msg.get("tool_calls", ()):
             fn = call.get("function", {})
             text += f"{fn.get('name', '')}({fn.get('arguments', '')})"

@@ -4,12 +4,14 @@ fallback counts both sides of every pair."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from extproc.processors.input_only import InputOnlyProcessor, texts_of
 
 _SIDES = (("text_1", "text_2"), ("queries", "documents"), ("data_1", "data_2"))
 
 
-def score_pairs(request: dict) -> tuple[list, list] | None:
+def score_pairs(request: dict[str, Any]) -> tuple[list[Any], list[Any]] | None:
     for left, right in _SIDES:
         if left in request and right in request:
             return texts_of(request[left]), texts_of(request[right])

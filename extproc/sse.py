@@ -34,11 +34,10 @@ class SSEParser:
     most `max_event_bytes`: a longer event is handed back unparsed, as `oversized` pieces of raw
     bytes (so a consumer that holds bytes back still forwards every one), up to its end."""
 
-    __slots__ = ("pending", "events_seen", "garbage_lines", "max_event_bytes", "oversized_events", "_skip_tail")
+    __slots__ = ("pending", "garbage_lines", "max_event_bytes", "oversized_events", "_skip_tail")
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.pending = b""
-        self.events_seen = 0
         # Lines that are neither fields nor comments: evidence the body is not SSE.
         self.garbage_lines = 0
         self.max_event_bytes = max_event_bytes
@@ -52,7 +51,6 @@ class SSEParser:
         if (not self.pending and chunk.startswith(b"data: ") and chunk.find(b"\n", 6) == len(chunk) - 2
                 and chunk.endswith(b"\n\n") and b"\r" not in chunk and len(chunk) <= self.max_event_bytes):
             # What vLLM sends, one chunk per event: a single data line. Same result as below.
-            self.events_seen += 1
             return [SSEEvent(data=chunk[6:-2], raw=chunk)]
         buf = self.pending + chunk if self.pending else chunk
         events: list[SSEEvent] = []
@@ -117,5 +115,4 @@ class SSEParser:
                 self.garbage_lines += 1
         if not data_lines and not name:
             return None
-        self.events_seen += 1
         return SSEEvent(data=b"\n".join(data_lines), raw=raw, event=name)

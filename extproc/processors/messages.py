@@ -135,13 +135,8 @@ class MessagesProcessor(EndpointProcessor):
         return self._input + self._cache_read + self._cache_creation
 
     def _on_sse_event(self, data: bytes, now_ns: int) -> bool:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            self._flag("malformed_response", f"SSE data is not JSON: {exc}")
-            return True
-        if not isinstance(obj, dict):
-            self._flag("malformed_response", "SSE data is not a JSON object")
+        obj = self._sse_json(data)
+        if obj is None:
             return True
         kind = obj.get("type")
         if kind == "content_block_delta":

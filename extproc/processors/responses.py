@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from extproc.processors.base import (
     EndpointProcessor,
     RecountRequest,
@@ -141,13 +139,8 @@ class ResponsesProcessor(EndpointProcessor):
         return None  # a Responses stream always ends with the usage
 
     def _on_sse_event(self, data: bytes, now_ns: int) -> bool:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            self._flag("malformed_response", f"SSE data is not JSON: {exc}")
-            return True
-        if not isinstance(obj, dict):
-            self._flag("malformed_response", "SSE data is not a JSON object")
+        obj = self._sse_json(data)
+        if obj is None:
             return True
         kind = obj.get("type")
         if kind == "response.output_text.delta":

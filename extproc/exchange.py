@@ -121,6 +121,14 @@ class Exchange:
         self.role = ""
         self.correlation_id = ""
 
+    def handle_request(self, req: wire.ProcessingRequest, kind: str) -> Answer:
+        """A ProcessingRequest as Envoy sends it, its oneof `kind` already read. With response
+        headers skipped, the upstream status rides on the first response body message as the
+        response.code attribute."""
+        if kind == wire.RESPONSE_BODY and not self.response_started:
+            self.response_code = wire.response_code(req)
+        return self.handle(kind, getattr(req, kind))
+
     def handle(self, kind: str, msg: wire.Message) -> Answer:
         # `kind` names the oneof member `msg` was read from, so the casts hold.
         if kind == wire.REQUEST_HEADERS:

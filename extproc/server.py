@@ -226,7 +226,6 @@ class StreamSession:
             stats.errors["empty_message"] += 1
             return None
         stats.messages[kind] += 1
-        msg: wire.Message = getattr(req, kind)
         observe = req.observability_mode
         if self.role == "response" and kind == wire.REQUEST_HEADERS:
             adopted = service._adopt(req.request_headers)
@@ -237,10 +236,8 @@ class StreamSession:
                 return None if observe else wire.continue_response(kind)
         exchange = self.exchange
         exchange.observe = observe
-        if kind == wire.RESPONSE_BODY and not exchange.response_started:
-            exchange.response_code = wire.response_code(req)
         try:
-            resp = exchange.handle(kind, msg)
+            resp = exchange.handle_request(req, kind)
         except Exception as exc:
             stats.errors[kind] += 1
             log.exception("handling %s for request %s", kind, exchange.event.request_id)

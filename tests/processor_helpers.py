@@ -32,9 +32,7 @@ def run(path: str, request: dict | bytes, status: int, chunks: list[bytes], *, e
     for i, chunk in enumerate(chunks):
         last = eos and i == len(chunks) - 1
         msg = m.body(chunk, response=True, eos=last, code=status if i == 0 else None)
-        if not ex.response_started:
-            ex.response_code = wire.response_code(msg)
-        resp = ex.handle(wire.RESPONSE_BODY, msg.response_body)
+        resp = ex.handle_request(msg, wire.RESPONSE_BODY)
         mutation = resp.response_body.response.body_mutation
         which = mutation.WhichOneof("mutation")
         client += mutation.body if which == "body" else b"" if which == "clear_body" else chunk

@@ -53,9 +53,7 @@ def _run(ex: Exchange, msgs, *, shape: str = "shipped") -> list[wire.ProcessingR
         msgs = _shipped_shape(msgs)
     for req in msgs:
         kind = req.WhichOneof("request")
-        if kind == wire.RESPONSE_BODY and not ex.response_started:  # as the stream loop does
-            ex.response_code = wire.response_code(req)
-        out.append(ex.handle(kind, getattr(req, kind)))
+        out.append(ex.handle_request(req, kind))
     return out
 
 

@@ -35,9 +35,7 @@ def _replay(rec: Recorded, chunks: list[bytes]) -> tuple[dict, bytes]:
     for i, chunk in enumerate(chunks):
         eos = i == len(chunks) - 1
         req = m.body(chunk, response=True, eos=eos, code=rec.status if i == 0 else None)
-        if not ex.response_started:  # as the stream loop does
-            ex.response_code = wire.response_code(req)
-        resp = ex.handle(wire.RESPONSE_BODY, req.response_body)
+        resp = ex.handle_request(req, wire.RESPONSE_BODY)
         mutation = resp.response_body.response.body_mutation
         which = mutation.WhichOneof("mutation")
         client += mutation.body if which == "body" else b"" if which == "clear_body" else chunk

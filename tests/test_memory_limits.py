@@ -37,9 +37,7 @@ def _feed(ex: Exchange, msgs) -> list[wire.ProcessingResponse]:  # noqa: ANN001
     out = []
     for msg in msgs:
         kind = msg.WhichOneof("request")
-        if kind == wire.RESPONSE_BODY and not ex.response_started:
-            ex.response_code = wire.response_code(msg)
-        out.append(ex.handle(kind, getattr(msg, kind)))
+        out.append(ex.handle_request(msg, kind))
     return out
 
 

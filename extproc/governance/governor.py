@@ -379,18 +379,17 @@ class Governor:
         now = self._clock()
         cached = self._compiled
         if cached is None or cached[0] is not self.policy or now >= cached[1]:
-            rows: dict[int, list[tuple[Budget, str, str, int, int, int]]] = {}
+            by_budget: dict[int, list[tuple[Budget, str, str, int, int, int]]] = {}
             next_change = float("inf")
-            for i, b in enumerate(self.policy.budgets):
+            for b in self.policy.budgets:
                 start, end = period_bounds(b.period, now)
                 next_change = min(next_change, end)
                 base = f"b:{b.scope.name}:{b.period}:{start}"
-                rows[i] = []
+                rows = by_budget[id(b)] = []
                 if b.limit_tokens is not None:
-                    rows[i].append((b, "tokens", base + ":tokens", b.limit_tokens, start, end))
+                    rows.append((b, "tokens", base + ":tokens", b.limit_tokens, start, end))
                 if b.limit_micros is not None:
-                    rows[i].append((b, "usd", base + ":usd", b.limit_micros, start, end))
-            by_budget = {id(b): rows[i] for i, b in enumerate(self.policy.budgets)}
+                    rows.append((b, "usd", base + ":usd", b.limit_micros, start, end))
             cached = self._compiled = (self.policy, next_change, by_budget)
         table = cached[2]
         return [row for b in (self.policy.budgets if only is None else only) for row in table[id(b)]]

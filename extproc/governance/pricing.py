@@ -16,6 +16,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,8 @@ class ModelEntry:
         i = bisect.bisect_right(self._starts, at_unix_nano) - 1
         return periods[i] if i >= 0 else None
 
-    @property
-    def _starts(self) -> list[int]:
+    @cached_property
+    def _starts(self) -> list[int]:  # once per loaded price book, not per event
         return [p.since_ns for p in self.periods]
 
 
@@ -104,8 +105,12 @@ class GpuPool:
         rates = self.rates
         if len(rates) == 1 and rates[0].since_ns <= at_unix_nano:
             return rates[0]
-        i = bisect.bisect_right([r.since_ns for r in rates], at_unix_nano) - 1
-        return self.rates[i] if i >= 0 else self.rates[0] if not self.explicit_start else None
+        i = bisect.bisect_right(self._starts, at_unix_nano) - 1
+        return rates[i] if i >= 0 else rates[0] if not self.explicit_start else None
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        return [r.since_ns for r in self.rates]
 
     def work_milli(self, at_unix_nano: int, *, prompt_tokens: int, cached_tokens: int,
                    completion_tokens: int) -> int:

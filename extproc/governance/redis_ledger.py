@@ -23,13 +23,28 @@ log = logging.getLogger(__name__)
 # settlements arriving within this window share one Redis call
 SETTLE_WINDOW_S = 0.002
 
-# KEYS: counters then buckets. ARGV[1] = number of counters; per counter: limit, amount, hard,
-# expires_at; per bucket: capacity, amount. Returns {ok, refused (1-based, 0 = none),
-# retry_after, totals..., remaining...} with floats as strings.
-_RESERVE = """
+# Both scripts: KEYS = counters then buckets. ARGV[1] = number of counters; per counter: limit,
+# amount, hard, expires_at; per bucket: capacity, amount. A bucket refills at its capacity per
+# minute since it was last written (Redis's clock, so replicas agree).
+_PRELUDE = """
 local n = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level(key, cap)
+  local st = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(st[1]) or cap
+  local at = tonumber(st[2]) or now
+  return math.min(cap, tokens + math.max(0, now - at) * cap / 60)
+end
+local function put(key, tokens)
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+  redis.call('EXPIRE', key, 120)
+end
+"""
+
+# Returns {ok, refused (1-based, 0 = none), retry_after, totals..., remaining...} with floats as
+# strings.
+_RESERVE = _PRELUDE + """
 local found = {}
 local a = 2
 for k = 1, n do
@@ -43,19 +58,15 @@ for k = 1, n do
   a = a + 4
 end
 local levels = {}
-local b0 = a
 for j = 1, #KEYS - n do
   local cap, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local st = redis.call('HMGET', KEYS[n + j], 'tokens', 'at')
-  local tokens = tonumber(st[1]) or cap
-  local at = tonumber(st[2]) or now
-  local level = math.min(cap, tokens + math.max(0, now - at) * cap / 60)
-  if level < amount then
+  local lvl = level(KEYS[n + j], cap)
+  if lvl < amount then
     local wait = 60
-    if cap > 0 then wait = (amount - level) * 60 / cap end
+    if cap > 0 then wait = (amount - lvl) * 60 / cap end
     return {0, n + j, tostring(wait)}
   end
-  levels[j] = level
+  levels[j] = lvl
   a = a + 2
 end
 local out = {1, 0, '0'}
@@ -68,19 +79,15 @@ for k = 1, n do
 end
 for j = 1, #KEYS - n do
   local left = levels[j] - tonumber(ARGV[a + 1])
-  redis.call('HSET', KEYS[n + j], 'tokens', tostring(left), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[n + j], 120)
+  put(KEYS[n + j], left)
   out[#out + 1] = tostring(left)
   a = a + 2
 end
 return out
 """
 
-# Same layout; amounts are added unconditionally (negative: released). Returns counter values.
-_ADJUST = """
-local n = tonumber(ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+# Amounts are added unconditionally (negative: released). Returns counter values.
+_ADJUST = _PRELUDE + """
 local out = {}
 local a = 2
 for k = 1, n do
@@ -90,12 +97,7 @@ for k = 1, n do
 end
 for j = 1, #KEYS - n do
   local cap, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local st = redis.call('HMGET', KEYS[n + j], 'tokens', 'at')
-  local tokens = tonumber(st[1]) or cap
-  local at = tonumber(st[2]) or now
-  local level = math.min(cap, tokens + math.max(0, now - at) * cap / 60) - amount
-  redis.call('HSET', KEYS[n + j], 'tokens', tostring(math.min(cap, level)), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[n + j], 120)
+  put(KEYS[n + j], math.min(cap, level(KEYS[n + j], cap) - amount))
   a = a + 2
 end
 return out

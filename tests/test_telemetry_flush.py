@@ -31,14 +31,7 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.k8s_render import ROOT
-from tests.stack import (
-    RecordingSink,
-    ThreadedSidecar,
-    sidecar_settings,
-    start_envoy,
-    start_sim,
-    wait_events,
-)
+from tests.stack import metered_stack, sidecar_settings, start_sim, wait_events
 from tests.telemetry_testing import OtlpHttpReceiver
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -84,21 +77,17 @@ def stack(tmp_path_factory) -> Iterator[Any]:
             export_interval_millis=600_000),
     ]
     sim, sim_url = start_sim(work, "--tokens-per-second", "0")
-    rec = RecordingSink()
     settings = sidecar_settings(work, pricing={"file": str(PRICES)})
-    sc = ThreadedSidecar(settings, extra_sinks=[rec], metric_readers=readers).start()
-    envoy, url, _ = start_envoy(work, sim_url, sc.sidecar.grpc_port)
 
     class Stack:
         pass
 
-    s = Stack()
-    s.url, s.rec, s.rx, s.admin = url, rec, rx, f"http://127.0.0.1:{sc.sidecar.admin_port}"
     try:
-        yield s
+        with metered_stack(work, sim_url, settings, metric_readers=readers) as (url, rec, sc):
+            s = Stack()
+            s.url, s.rec, s.rx, s.admin = url, rec, rx, f"http://127.0.0.1:{sc.sidecar.admin_port}"
+            yield s
     finally:
-        envoy.stop()
-        sc.stop()
         sim.stop()
         rx.close()
 

@@ -6,9 +6,7 @@ OTLP/HTTP exporter to a receiver on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import urllib.request
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.k8s_render import ROOT
 from tests.stack import metered_stack, sidecar_settings, start_sim, wait_events
-from tests.telemetry_testing import OtlpHttpReceiver
+from tests.telemetry_testing import OtlpHttpReceiver, ReceiverLoop
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PRICES = ROOT / "deploy" / "pricing.example.yaml"
@@ -42,24 +40,13 @@ DELTA = {k: AggregationTemporality.DELTA for k in (
     Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)}
 
 
-class Receivers:
+class Receivers(ReceiverLoop):
     """A cumulative and a delta OTLP/HTTP receiver on a loop of their own."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.cumulative = self._run(OtlpHttpReceiver().__aenter__())
-        self.delta = self._run(OtlpHttpReceiver().__aenter__())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
-
-    def close(self) -> None:
-        self._run(self.cumulative.__aexit__(None, None, None))
-        self._run(self.delta.__aexit__(None, None, None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__()
+        self.cumulative = self.enter(OtlpHttpReceiver())
+        self.delta = self.enter(OtlpHttpReceiver())
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,6 +131,25 @@ def start_envoy(workdir: Path, upstream: str, grpc_port: int | None, *, concurre
                                       with_extproc=grpc_port is not None, **opts), workdir, concurrency)
     proc.start()
     return proc, f"http://127.0.0.1:{listen}", admin
+
+
+@contextmanager
+def metered_stack(workdir: Path, upstream: str, settings: Settings | None = None, *,
+                  metric_readers: Sequence[Any] = (),
+                  **envoy_opts: Any) -> Iterator[tuple[str, RecordingSink, ThreadedSidecar]]:
+    """The in-process sidecar (recording its events) behind one Envoy in front of upstream:
+    yields Envoy's URL, the recording sink and the sidecar; stops both on the way out."""
+    rec = RecordingSink()
+    sc = ThreadedSidecar(settings or sidecar_settings(workdir), extra_sinks=[rec],
+                         metric_readers=metric_readers).start()
+    try:
+        envoy, url, _ = start_envoy(workdir, upstream, sc.sidecar.grpc_port, **envoy_opts)
+        try:
+            yield url, rec, sc
+        finally:
+            envoy.stop()
+    finally:
+        sc.stop()
 
 
 def envoy_stats(admin_port: int, prefixes: Sequence[str] = ("http.ingress.ext_proc",)) -> dict[str, int]:

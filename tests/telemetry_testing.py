@@ -5,8 +5,11 @@ Not used by the sidecar at run time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -16,6 +19,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 Attrs = frozenset[tuple[str, Any]]
+T = TypeVar("T")
+R = TypeVar("R", bound=AbstractAsyncContextManager[Any])
 
 
 def _key(attrs: Mapping[str, Any]) -> Attrs:
@@ -183,6 +188,31 @@ class OtlpGrpcReceiver:
 
 
 # --- stand-ins ------------------------------------------------------------------------------
+class ReceiverLoop:
+    """OTLP receivers entered on an event loop of their own, for synchronous test bodies;
+    close() exits them and stops the loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._entered: list[AbstractAsyncContextManager[Any]] = []
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
+
+    def enter(self, receiver: R) -> R:
+        self._run(receiver.__aenter__())
+        self._entered.append(receiver)
+        return receiver
+
+    def close(self) -> None:
+        for receiver in self._entered:
+            self._run(receiver.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
 class FakeStorage:
     """What the storage sink exposes to the self-metrics (attributes and a property)."""
 

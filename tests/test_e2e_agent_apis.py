@@ -14,18 +14,14 @@ import openai
 import orjson
 import pytest
 
-from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, wait_events
+from tests.stack import metered_stack, wait_events
 from tests.test_e2e import MODEL, _sim_counters
 
 
 @pytest.fixture(params=["sync", "hybrid", "observe"])
 def stack(request, sim, tmp_path):
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path), extra_sinks=[rec]).start()
-    envoy, url, _ = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode=request.param)
-    yield request.param, url, rec, sc
-    envoy.stop()
-    sc.stop()
+    with metered_stack(tmp_path, sim, mode=request.param) as (url, rec, sc):
+        yield request.param, url, rec, sc
 
 
 def _headers(user: str) -> dict[str, str]:

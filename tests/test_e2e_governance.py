@@ -17,14 +17,7 @@ import pytest
 from extproc.cli import main
 from extproc.governance.policy import hash_key
 from extproc.tokenizers import TokenizerRegistry
-from tests.stack import (
-    RecordingSink,
-    ThreadedSidecar,
-    sidecar_settings,
-    start_envoy,
-    start_sim,
-    wait_events,
-)
+from tests.stack import metered_stack, sidecar_settings, start_envoy, start_sim, wait_events
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_KEY = "sk-vllm-upstream"
@@ -82,20 +75,16 @@ def stack(tmp_path_factory):
         "  - key: bot\n    requests_per_minute: 2\n"
         "require_key: false\n")
     sim, sim_url = start_sim(work, "--api-key", UPSTREAM_KEY)
-    rec = RecordingSink()
     settings = sidecar_settings(work, policy={"file": str(policy), "upstream_key": UPSTREAM_KEY,
                                               "default_max_tokens": 16, "stop_streams_over_budget": True})
-    sc = ThreadedSidecar(settings, extra_sinks=[rec]).start()
-    envoy, url, _admin = start_envoy(work, sim_url, sc.sidecar.grpc_port)
 
     class Stack:
         pass
 
-    s = Stack()
-    s.url, s.sim_url, s.rec, s.sidecar, s.hooks, s.policy = url, sim_url, rec, sc, hooks, policy
-    yield s
-    envoy.stop()
-    sc.stop()
+    with metered_stack(work, sim_url, settings) as (url, rec, sc):
+        s = Stack()
+        s.url, s.sim_url, s.rec, s.sidecar, s.hooks, s.policy = url, sim_url, rec, sc, hooks, policy
+        yield s
     sim.stop()
     hooks.server.shutdown()
 

@@ -13,14 +13,7 @@ import pytest
 
 from extproc.governance.policy import hash_key
 from tests.redis_server import RedisProcess
-from tests.stack import (
-    RecordingSink,
-    ThreadedSidecar,
-    sidecar_settings,
-    start_envoy,
-    start_sim,
-    wait_events,
-)
+from tests.stack import metered_stack, sidecar_settings, start_sim, wait_events
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 KEY, KEY_CAPPED = "sk-hybrid-search", "sk-hybrid-capped"
@@ -36,20 +29,16 @@ def stack(tmp_path_factory):
         f'  - sha256: "{hash_key(KEY_CAPPED)}"\n    team: capped\n'
         "budgets:\n  - team: capped\n    limit_tokens: 150\n    hard: true\n")
     sim, sim_url = start_sim(work, "--reject-any-key")  # no upstream key: client keys removed
-    rec = RecordingSink()
     settings = sidecar_settings(work, policy={"file": str(policy), "redis_url": redis.url,
                                               "redis_timeout_ms": 2000, "default_max_tokens": 64})
-    sc = ThreadedSidecar(settings, extra_sinks=[rec]).start()
-    envoy, url, _ = start_envoy(work, sim_url, sc.sidecar.grpc_port, mode="hybrid")
 
     class Stack:
         pass
 
-    s = Stack()
-    s.url, s.rec, s.sidecar, s.redis = url, rec, sc, redis
-    yield s
-    envoy.stop()
-    sc.stop()
+    with metered_stack(work, sim_url, settings, mode="hybrid") as (url, rec, sc):
+        s = Stack()
+        s.url, s.rec, s.sidecar, s.redis = url, rec, sc, redis
+        yield s
     sim.stop()
     redis.stop()
 

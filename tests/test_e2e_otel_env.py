@@ -6,9 +6,7 @@ force_flush exports synchronously), so nothing here waits on a timer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,31 +17,20 @@ import openai
 import pytest
 
 from tests.stack import serve_process, start_envoy
-from tests.telemetry_testing import OtlpGrpcReceiver, OtlpHttpReceiver
+from tests.telemetry_testing import OtlpGrpcReceiver, OtlpHttpReceiver, ReceiverLoop
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 # the export interval is long: only POST /v1/flush (and the shutdown) export
 QUIET = {"OTEL_METRIC_EXPORT_INTERVAL": "600000"}
 
 
-class Receivers:
+class Receivers(ReceiverLoop):
     """Both OTLP receivers on a loop of their own (the test body is synchronous)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.http = self._run(OtlpHttpReceiver().__aenter__())
-        self.grpc = self._run(OtlpGrpcReceiver().__aenter__())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
-
-    def close(self) -> None:
-        self._run(self.http.__aexit__(None, None, None))
-        self._run(self.grpc.__aexit__(None, None, None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__()
+        self.http = self.enter(OtlpHttpReceiver())
+        self.grpc = self.enter(OtlpGrpcReceiver())
 
 
 @pytest.fixture

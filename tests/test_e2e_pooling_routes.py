@@ -12,7 +12,7 @@ import uuid
 import orjson
 import pytest
 
-from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, wait_events
+from tests.stack import metered_stack, wait_events
 from tests.test_e2e import MODEL, MSG, _sim_counters
 
 DOCS = ["GPU hours are billed per team.", "A café in 東京 sells jalapeño bread.", "Budgets reset monthly."]
@@ -38,12 +38,8 @@ _VOLATILE = re.compile(rb'"created":\d+')
 
 @pytest.fixture(params=["sync", "hybrid", "observe"])
 def stack(request, sim, tmp_path):
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path), extra_sinks=[rec]).start()
-    envoy, url, _ = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode=request.param)
-    yield request.param, url, rec, sc
-    envoy.stop()
-    sc.stop()
+    with metered_stack(tmp_path, sim, mode=request.param) as (url, rec, sc):
+        yield request.param, url, rec, sc
 
 
 def _post(url: str, body: dict, rid: str) -> tuple[int, bytes]:

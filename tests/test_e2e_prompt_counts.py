@@ -13,14 +13,7 @@ import pytest
 
 from extproc.events import TokenSource
 from extproc.recount import TOKENIZER_NAME
-from tests.stack import (
-    RecordingSink,
-    ThreadedSidecar,
-    sidecar_settings,
-    start_envoy,
-    start_sim,
-    wait_events,
-)
+from tests.stack import metered_stack, sidecar_settings, start_sim, wait_events
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Explain chargeback."}]
@@ -36,12 +29,9 @@ SETUPS = {
 def stack(request, sim, tmp_path):
     tokenizer, source, name = SETUPS[request.param]
     tokenizer = {k: (sim if v == "SIM" else v) for k, v in tokenizer.items()}
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path, tokenizer=tokenizer), extra_sinks=[rec]).start()
-    envoy, url, _ = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode="observe")
-    yield url, rec, source, name
-    envoy.stop()
-    sc.stop()
+    settings = sidecar_settings(tmp_path, tokenizer=tokenizer)
+    with metered_stack(tmp_path, sim, settings, mode="observe") as (url, rec, _):
+        yield url, rec, source, name
 
 
 def test_a_stream_without_usage_counts_its_prompt_as_vllm(stack):
@@ -63,12 +53,8 @@ def test_a_stream_without_usage_counts_its_prompt_as_vllm(stack):
 @pytest.fixture
 def sync_stack(tmp_path):
     slow, slow_url = start_sim(tmp_path, "--tokens-per-second", "20")  # the client hangs up mid-stream
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path), extra_sinks=[rec]).start()  # llama3: with its template
-    envoy, url, _ = start_envoy(tmp_path, slow_url, sc.sidecar.grpc_port)
-    yield url, rec
-    envoy.stop()
-    sc.stop()
+    with metered_stack(tmp_path, slow_url) as (url, rec, _):  # llama3: with its template
+        yield url, rec
     slow.stop()
 
 
@@ -128,12 +114,9 @@ def slow_sim(tmp_path_factory):
 def agent_stack(request, slow_sim, tmp_path):
     mode, setup = request.param
     tokenizer = {k: (slow_sim if v == "SIM" else v) for k, v in AGENT_SETUPS[setup].items()}
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path, tokenizer=tokenizer), extra_sinks=[rec]).start()
-    envoy, url, _ = start_envoy(tmp_path, slow_sim, sc.sidecar.grpc_port, mode=mode)
-    yield url, rec, setup
-    envoy.stop()
-    sc.stop()
+    settings = sidecar_settings(tmp_path, tokenizer=tokenizer)
+    with metered_stack(tmp_path, slow_sim, settings, mode=mode) as (url, rec, _):
+        yield url, rec, setup
 
 
 def _assert_counted_as_vllm(ev, setup: str, truth: int) -> None:

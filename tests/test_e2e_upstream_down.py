@@ -7,16 +7,14 @@ import openai
 import pytest
 
 from extproc.devtools.devstack import free_port
-from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, wait_events
+from tests.stack import metered_stack, sidecar_settings, wait_events
 
 
 @pytest.mark.parametrize("mode", ["sync", "observe", "hybrid"])
 def test_upstream_down_is_recorded_as_upstream_error(tmp_path, mode):
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path, grpc={"transport": "h2"}), extra_sinks=[rec]).start()
+    settings = sidecar_settings(tmp_path, grpc={"transport": "h2"})
     # nothing listens on the upstream port
-    envoy, url, _ = start_envoy(tmp_path, f"http://127.0.0.1:{free_port()}", sc.sidecar.grpc_port, mode=mode)
-    try:
+    with metered_stack(tmp_path, f"http://127.0.0.1:{free_port()}", settings, mode=mode) as (url, rec, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0,
                                default_headers={"x-team": "t", "x-user": "down"})
         for stream in (False, True):
@@ -30,6 +28,3 @@ def test_upstream_down_is_recorded_as_upstream_error(tmp_path, mode):
             assert "upstream connect error" in ev.error_detail
             assert (ev.prompt_tokens, ev.completion_tokens) == (0, 0) and not ev.client_aborted
             assert ev.labels["team"] == "t"
-    finally:
-        envoy.stop()
-        sc.stop()

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.stack import RecordingSink, ThreadedSidecar, sidecar_settings, start_envoy, wait_events
+from tests.stack import metered_stack, sidecar_settings, wait_events
 from tests.test_e2e import MODEL, MSG, _sim_counters
 
 ALIASES = [
@@ -48,12 +48,9 @@ def _post(url: str, path: str, user: str) -> tuple[int, bytes]:
                 ids=lambda p: "-".join(p))
 def stack(request, sim, tmp_path):
     mode, unknown_post = request.param
-    rec = RecordingSink()
-    sc = ThreadedSidecar(sidecar_settings(tmp_path, metering={"unknown_post": unknown_post}), extra_sinks=[rec]).start()
-    envoy, url, _ = start_envoy(tmp_path, sim, sc.sidecar.grpc_port, mode=mode)
-    yield mode, unknown_post, url, rec, sc
-    envoy.stop()
-    sc.stop()
+    settings = sidecar_settings(tmp_path, metering={"unknown_post": unknown_post})
+    with metered_stack(tmp_path, sim, settings, mode=mode) as (url, rec, sc):
+        yield mode, unknown_post, url, rec, sc
 
 
 def test_every_alias_is_metered_or_not_served(stack, sim):

@@ -6,9 +6,7 @@ OTLP/HTTP exporter to a receiver on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import urllib.request
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -31,15 +29,8 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.k8s_render import ROOT
-from tests.stack import (
-    RecordingSink,
-    ThreadedSidecar,
-    sidecar_settings,
-    start_envoy,
-    start_sim,
-    wait_events,
-)
-from tests.telemetry_testing import OtlpHttpReceiver
+from tests.stack import metered_stack, sidecar_settings, start_sim, wait_events
+from tests.telemetry_testing import OtlpHttpReceiver, ReceiverLoop
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PRICES = ROOT / "deploy" / "pricing.example.yaml"
@@ -49,24 +40,13 @@ DELTA = {k: AggregationTemporality.DELTA for k in (
     Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)}
 
 
-class Receivers:
+class Receivers(ReceiverLoop):
     """A cumulative and a delta OTLP/HTTP receiver on a loop of their own."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.cumulative = self._run(OtlpHttpReceiver().__aenter__())
-        self.delta = self._run(OtlpHttpReceiver().__aenter__())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
-
-    def close(self) -> None:
-        self._run(self.cumulative.__aexit__(None, None, None))
-        self._run(self.delta.__aexit__(None, None, None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().__init__()
+        self.cumulative = self.enter(OtlpHttpReceiver())
+        self.delta = self.enter(OtlpHttpReceiver())
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +64,17 @@ def stack(tmp_path_factory) -> Iterator[Any]:
             export_interval_millis=600_000),
     ]
     sim, sim_url = start_sim(work, "--tokens-per-second", "0")
-    rec = RecordingSink()
     settings = sidecar_settings(work, pricing={"file": str(PRICES)})
-    sc = ThreadedSidecar(settings, extra_sinks=[rec], metric_readers=readers).start()
-    envoy, url, _ = start_envoy(work, sim_url, sc.sidecar.grpc_port)
 
     class Stack:
         pass
 
-    s = Stack()
-    s.url, s.rec, s.rx, s.admin = url, rec, rx, f"http://127.0.0.1:{sc.sidecar.admin_port}"
     try:
-        yield s
+        with metered_stack(work, sim_url, settings, metric_readers=readers) as (url, rec, sc):
+            s = Stack()
+            s.url, s.rec, s.rx, s.admin = url, rec, rx, f"http://127.0.0.1:{sc.sidecar.admin_port}"
+            yield s
     finally:
-        envoy.stop()
-        sc.stop()
         sim.stop()
         rx.close()
 
